@@ -1,0 +1,1 @@
+"""Train and evaluate ONE FAERec (or plain backbone) configuration. Knows nothing of Ray or MLflow."""

@@ -1,0 +1,1 @@
+"""Run MANY configurations: search space, Ray Tune trainable and Tuner, MLflow tracking."""
