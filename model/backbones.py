@@ -1,0 +1,273 @@
+"""Sequence encoders FAERec plugs into: SASRec, FMLP-Rec and LRURec.
+
+One interface: `Backbone(hidden_size, num_layers, num_heads, dropout, max_len)` and
+`forward(x (B, L, d), mask (B, L) bool, True = real item) -> (B, L, d)`, with L <= max_len,
+sequences left-padded (most recent item in the last column) and padded positions of the
+output set to zero. The caller passes raw item embeddings; each backbone applies its own
+input LayerNorm + dropout (as FMLP-Rec, LRURec and the FMLP-Rec codebase's SASRec that
+FAERec's code builds on), so there is no `* sqrt(d)` scaling: the LayerNorm makes the scale
+of the input (random init, PCA init or fused) irrelevant.
+
+What each backbone guarantees about padding (tests/test_backbones.py checks each):
+- every backbone: the output at real positions does not depend on what the padded
+  positions of x contain (they are zeroed on entry and after every layer);
+- SASRec and LRURec: causal (the output at t only depends on inputs <= t) and unchanged
+  by extra left padding (positions are counted from the most recent item);
+- FMLP-Rec: NOT causal by design (the FFT filter mixes later positions into earlier
+  ones, as in the original); it always computes on the full max_len window (shorter
+  inputs are left-padded to it), so extra left padding up to max_len changes nothing.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FeedForward(nn.Module):
+    """Point-wise feed-forward network, d -> 4d -> d (inner size as the FMLP-Rec codebase)."""
+
+    def __init__(self, d, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class SequenceInput(nn.Module):
+    """Input layer: LayerNorm(x + position embedding) -> dropout, padded positions zeroed.
+
+    Position embeddings are indexed by recency (0 = most recent item), so the same
+    sequence gets the same positions however much left padding surrounds it; with the
+    usual padding to max_len this equals SASRec's absolute positions.
+    """
+
+    def __init__(self, d, max_len, dropout, positions):
+        super().__init__()
+        self.max_len = max_len
+        self.position = nn.Embedding(max_len, d) if positions else None
+        self.norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        L = x.size(1)
+        if L > self.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len {self.max_len}")
+        if self.position is not None:
+            recency = torch.arange(L - 1, -1, -1, device=x.device)  # (L,)
+            x = x + self.position(recency)  # (B, L, d)
+        return self.dropout(self.norm(x)) * mask.unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------- SASRec
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention; the query is LayerNorm(x), keys/values x (SASRec.pytorch)."""
+
+    def __init__(self, d, num_heads, dropout):
+        super().__init__()
+        if d % num_heads:
+            raise ValueError(f"hidden_size {d} is not a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def forward(self, query, x, allowed):
+        B, L, d = x.shape
+        heads = lambda t: t.view(B, L, self.num_heads, d // self.num_heads).transpose(1, 2)  # (B, h, L, d/h)
+        q = heads(self.q(query))
+        k, v = map(heads, self.kv(x).split(d, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, L, d))  # (B, L, d)
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, d, num_heads, dropout):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, num_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, dropout)
+
+    def forward(self, x, allowed):
+        q = self.attn_norm(x)
+        x = q + self.attn(q, x, allowed)  # residual from the normalised query, as SASRec.pytorch
+        x = self.ffn_norm(x)
+        return x + self.ffn(x)
+
+
+class SASRec(nn.Module):
+    """Causal self-attention encoder (Kang & McAuley 2018, layout of SASRec.pytorch)."""
+
+    def __init__(self, hidden_size, num_layers, num_heads, dropout, max_len):
+        super().__init__()
+        self.input = SequenceInput(hidden_size, max_len, dropout, positions=True)
+        self.blocks = nn.ModuleList(SASRecBlock(hidden_size, num_heads, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x, mask):
+        L = x.size(1)
+        keep = mask.unsqueeze(-1)  # (B, L, 1)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()  # (L, L)
+        # Real keys only; a padded query attends to itself so that no row is fully masked (NaN).
+        allowed = causal & (mask.unsqueeze(1) | torch.eye(L, dtype=torch.bool, device=x.device))  # (B, L, L)
+        allowed = allowed.unsqueeze(1)  # (B, 1, L, L), broadcast over heads
+        x = self.input(x, mask)
+        for block in self.blocks:
+            x = block(x, allowed) * keep
+        return self.norm(x) * keep
+
+
+# ------------------------------------------------------------------------- FMLP-Rec
+
+
+class FilterLayer(nn.Module):
+    """Learnable frequency-domain filter: LayerNorm(x + Dropout(irfft(rfft(x) * W)))."""
+
+    def __init__(self, d, max_len, dropout):
+        super().__init__()
+        # Real and imaginary parts of W (L//2+1, d), initialised as FMLP-Rec (randn * 0.02).
+        self.weight = nn.Parameter(torch.randn(max_len // 2 + 1, d, 2) * 0.02)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        L = x.size(1)
+        spectrum = torch.fft.rfft(x, dim=1, norm="ortho")  # (B, L//2+1, d) complex
+        filtered = torch.fft.irfft(spectrum * torch.view_as_complex(self.weight), n=L, dim=1, norm="ortho")  # (B, L, d)
+        return self.norm(x + self.dropout(filtered))
+
+
+class FMLPBlock(nn.Module):
+    def __init__(self, d, max_len, dropout):
+        super().__init__()
+        self.filter = FilterLayer(d, max_len, dropout)
+        self.ffn = FeedForward(d, dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = self.filter(x)
+        return self.norm(x + self.ffn(x))
+
+
+class FMLPRec(nn.Module):
+    """All-MLP encoder with learnable filters (Zhou et al. 2022); not causal, see the module doc."""
+
+    def __init__(self, hidden_size, num_layers, num_heads, dropout, max_len):
+        super().__init__()
+        self.max_len = max_len
+        self.input = SequenceInput(hidden_size, max_len, dropout, positions=True)
+        self.blocks = nn.ModuleList(FMLPBlock(hidden_size, max_len, dropout) for _ in range(num_layers))
+
+    def forward(self, x, mask):
+        x = self.input(x, mask)
+        pad = self.max_len - x.size(1)  # the filter W is defined on the max_len window
+        x = F.pad(x, (0, 0, pad, 0))  # (B, max_len, d)
+        keep = F.pad(mask, (pad, 0), value=False).unsqueeze(-1)  # (B, max_len, 1)
+        for block in self.blocks:
+            x = block(x) * keep
+        return x[:, pad:]
+
+
+# --------------------------------------------------------------------------- LRURec
+
+
+def lru_recurrence(a, b):
+    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0, one step at a time (the definition)."""
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(b.size(1)):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def lru_scan(a, b):
+    """The same recurrence as `lru_recurrence` by a parallel (Hillis-Steele) scan in ceil(log2 L) steps.
+
+    Each position holds the pair (a, b) of the affine map h -> a h + b covering a window
+    of inputs ending there; step k composes it with the window 2^k positions earlier.
+    a (1 or B, L, N), b (B, L, N), complex.
+    """
+    L, offset = b.size(1), 1
+    while offset < L:
+        b_earlier = torch.cat([torch.zeros_like(b[:, :offset]), b[:, :-offset]], dim=1)
+        a_earlier = torch.cat([torch.ones_like(a[:, :offset]), a[:, :-offset]], dim=1)
+        b = a * b_earlier + b
+        a = a * a_earlier
+        offset *= 2
+    return b
+
+
+class LRULayer(nn.Module):
+    """Linear recurrent unit (Orvieto et al. 2023): h_t = lambda h_{t-1} + gamma B x_t, y_t = Re(C h_t) + D x_t.
+
+    lambda = exp(-exp(nu) + i exp(theta)) per state dimension, |lambda| initialised
+    uniformly on the ring [r_min, r_max]; gamma = sqrt(1 - |lambda|^2) keeps the state's
+    scale independent of lambda (computed from lambda, not learned separately).
+    The state has 2d complex dimensions, as LRURec.
+    """
+
+    def __init__(self, d, dropout, r_min=0.8, r_max=0.99):
+        super().__init__()
+        n = 2 * d
+        u1, u2 = torch.rand(n), torch.rand(n)
+        self.nu_log = nn.Parameter(torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2)))
+        self.theta_log = nn.Parameter(torch.log(u2 * 2 * math.pi))
+        self.B_re = nn.Parameter(torch.randn(n, d) / math.sqrt(2 * d))
+        self.B_im = nn.Parameter(torch.randn(n, d) / math.sqrt(2 * d))
+        self.C_re = nn.Parameter(torch.randn(d, n) / math.sqrt(n))
+        self.C_im = nn.Parameter(torch.randn(d, n) / math.sqrt(n))
+        self.D = nn.Parameter(torch.randn(d))
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        lam = torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))  # (n,)
+        gamma = torch.sqrt(1 - lam.abs() ** 2)  # (n,)
+        bx = torch.complex(x @ self.B_re.T, x @ self.B_im.T) * gamma  # (B, L, n)
+        h = lru_scan(lam.expand(1, x.size(1), -1), bx)  # (B, L, n)
+        y = h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * x  # Re(C h) + D x, (B, L, d)
+        return self.norm(x + self.dropout(y))
+
+
+class LRUBlock(nn.Module):
+    def __init__(self, d, dropout):
+        super().__init__()
+        self.lru = LRULayer(d, dropout)
+        self.ffn = FeedForward(d, dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = self.lru(x)
+        return self.norm(x + self.ffn(x))
+
+
+class LRURec(nn.Module):
+    """Linear recurrence encoder (Yue et al. 2024), no position embeddings.
+
+    Left padding leaves the state at exactly zero (padded inputs are zeroed, h_{-1} = 0),
+    so padding never reaches the real positions.
+    """
+
+    def __init__(self, hidden_size, num_layers, num_heads, dropout, max_len):
+        super().__init__()
+        self.input = SequenceInput(hidden_size, max_len, dropout, positions=False)
+        self.blocks = nn.ModuleList(LRUBlock(hidden_size, dropout) for _ in range(num_layers))
+
+    def forward(self, x, mask):
+        keep = mask.unsqueeze(-1)
+        x = self.input(x, mask)
+        for block in self.blocks:
+            x = block(x) * keep
+        return x
+
+
+BACKBONES = {"sasrec": SASRec, "fmlprec": FMLPRec, "lrurec": LRURec}
