@@ -1,0 +1,122 @@
+"""RankingEvaluator against hand-written values and a brute-force ranking by sorting."""
+
+import math
+
+import pytest
+import torch
+
+from model.metrics import POPULARITY_GROUPS, RankingEvaluator, metric_name
+
+INF = float("inf")
+
+
+def test_hand_written_case():
+    tail = torch.tensor([False, True, False, True, True])
+    groups = torch.tensor([-1, 0, 4, 0, 1])
+    scores = torch.tensor([[-INF, 0.9, 0.1, 0.5, 0.5],     # target 3: only item 1 scores higher -> rank 1
+                           [-INF, -INF, 0.3, 0.1, 0.2]])   # target 2: item 1 seen (-inf) -> rank 0
+    ev = RankingEvaluator(tail, groups, ks=(1, 2))
+    ev.update(scores, torch.tensor([3, 2]))
+    out = ev.compute("test")
+    assert out["test/overall/hr_1"] == pytest.approx(0.5)
+    assert out["test/overall/hr_2"] == pytest.approx(1.0)
+    assert out["test/overall/ndcg_2"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+    assert out["test/tail/hr_1"] == 0.0 and out["test/tail/ndcg_2"] == pytest.approx(1 / math.log2(3))
+    assert out["test/head/ndcg_1"] == 1.0
+    assert out["test/pop_1-4/hr_1"] == 0.0 and out["test/pop_50+/hr_1"] == 1.0
+    assert "test/pop_5-9/hr_1" not in out  # no user's target in that group: omitted, not 0
+    # top-1 lists: {1}, {2}; top-2: {1, 3 or 4}, {2, 4}
+    assert out["test/coverage_1"] == pytest.approx(2 / 4)
+    assert out["test/tail_coverage_1"] == pytest.approx(1 / 3)
+
+
+def brute_force(scores, targets, tail, groups, ks):
+    """Rank by sorting each user's items, the target placed first among its ties."""
+    n_items = scores.shape[1] - 1
+    per_group = {}
+    covered = {k: set() for k in ks}
+    for s, t in zip(scores.tolist(), targets.tolist()):
+        order = sorted(range(n_items + 1), key=lambda j: (-s[j], j != t))
+        rank = order.index(t)
+        names = ["overall", "tail" if tail[t] else "head", f"pop_{POPULARITY_GROUPS[groups[t]]}"]
+        for name in names:
+            per_group.setdefault(name, []).append(rank)
+        for k in ks:
+            covered[k].update(j for j in order[:k] if s[j] != -INF)
+    out = {}
+    for name, ranks in per_group.items():
+        for k in ks:
+            out[metric_name("val", name, "hr", k)] = sum(r < k for r in ranks) / len(ranks)
+            out[metric_name("val", name, "ndcg", k)] = sum(1 / math.log2(r + 2) for r in ranks if r < k) / len(ranks)
+    tail_items = {j for j in range(1, n_items + 1) if tail[j]}
+    for k in ks:
+        out[f"val/coverage_{k}"] = len(covered[k]) / n_items
+        out[f"val/tail_coverage_{k}"] = len(covered[k] & tail_items) / len(tail_items)
+    return out
+
+
+def random_case(seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    n_items, n_users = 40, 57
+    tail = torch.rand(n_items + 1, generator=g) < 0.7
+    tail[0] = False
+    groups = torch.randint(0, 4, (n_items + 1,), generator=g)  # group "50+" stays empty
+    groups[0] = -1
+    if ties:
+        scores = torch.randint(0, 6, (n_users, n_items + 1), generator=g).float()
+    else:
+        scores = torch.randn(n_users, n_items + 1, generator=g)
+    targets = torch.randint(1, n_items + 1, (n_users,), generator=g)
+    seen = torch.rand(n_users, n_items + 1, generator=g) < 0.3
+    seen[torch.arange(n_users), targets] = False
+    seen[:, 0] = True
+    scores[seen] = -INF
+    return scores, targets, tail, groups
+
+
+def evaluate(scores, targets, tail, groups, ks, batch=16):
+    ev = RankingEvaluator(tail, groups, ks)
+    for start in range(0, len(targets), batch):
+        ev.update(scores[start:start + batch], targets[start:start + batch])
+    return ev.compute("val")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hr_ndcg_with_ties_match_brute_force(seed):
+    scores, targets, tail, groups = random_case(seed, ties=True)
+    ks = (1, 5, 10)
+    got = evaluate(scores, targets, tail, groups, ks)
+    want = brute_force(scores, targets, tail, groups, ks)
+    for name, value in want.items():
+        if "coverage" not in name:  # top-K membership among ties is arbitrary
+            assert got[name] == pytest.approx(value), name
+    assert not any("pop_50+" in name for name in got)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_everything_matches_brute_force_without_ties(seed):
+    scores, targets, tail, groups = random_case(seed, ties=False)
+    ks = (5, 10, 20)
+    got = evaluate(scores, targets, tail, groups, ks)
+    want = brute_force(scores, targets, tail, groups, ks)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value), name
+
+
+def test_excluded_items_are_never_ranked_or_covered():
+    scores = torch.full((2, 11), -INF)
+    scores[0, [2, 5, 7]] = torch.tensor([0.1, 0.2, 0.3])
+    scores[1, [3]] = -5.0
+    ev = RankingEvaluator(torch.ones(11, dtype=torch.bool).index_fill(0, torch.tensor([0]), False),
+                          torch.zeros(11, dtype=torch.long), ks=(5,))
+    ev.update(scores, torch.tensor([2, 3]))
+    out = ev.compute("test")
+    assert out["test/overall/hr_5"] == 1.0  # item 2 is third of three candidates, item 3 the only one
+    assert out["test/overall/ndcg_5"] == pytest.approx((1 / math.log2(4) + 1) / 2)
+    assert out["test/coverage_5"] == pytest.approx(4 / 10)  # {2, 5, 7, 3}: never a -inf item
+
+
+def test_compute_before_update_fails():
+    with pytest.raises(ValueError):
+        RankingEvaluator(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long)).compute("val")
