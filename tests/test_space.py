@@ -1,0 +1,404 @@
+"""tuning.space: every shipped space loads, each mistake is one error naming its YAML path,
+and the define-by-run function keeps w_max > w_min inside a static (multivariate) space."""
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+# The space validates against model.train's settings and model.data's dataset fields.
+pytest.importorskip("model.train")
+pytest.importorskip("model.data")
+
+import optuna  # noqa: E402
+
+from model.errors import ConfigError  # noqa: E402
+from model.train import settings_from_dict  # noqa: E402
+from tuning.space import (ABLATIONS, GAP_MIN, PROJECT_ROOT, define_by_run,  # noqa: E402
+                          load_space, make_sampler, plan, trial_settings)
+
+SHIPPED = sorted((PROJECT_ROOT / "search_spaces").glob("*.yaml"))
+N_SAMPLED = 200
+
+
+def valid_space() -> dict:
+    """A small valid space; each test breaks one thing in it."""
+    return {
+        "name": "t",
+        "dataset": "ml-100k",
+        "embedding": {"encoder": "random", "dim": 8},
+        "fixed": {"backbone": "sasrec", "hidden_size": 16},
+        "search": {"num_samples": 4, "max_epochs": 10,
+                   "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 3},
+                   "resources": {"cpu": 1, "gpu": 0}},
+        "params": {"tau": {"type": "loguniform", "low": 0.02, "high": 0.5},
+                   "alpha": {"type": "uniform", "low": 0.1, "high": 0.5},
+                   "period": {"type": "int", "low": 5, "high": 40},
+                   "dropout": {"type": "categorical", "choices": [0.2, 0.4]},
+                   "w_min": {"type": "uniform", "low": 0.1, "high": 0.9},
+                   "w_max": {"type": "uniform", "low": 0.1, "high": 1.0}},
+    }
+
+
+def write(tmp_path: Path, space: dict) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def error_of(tmp_path: Path, change) -> str:
+    space = valid_space()
+    change(space)
+    path = write(tmp_path, space)
+    with pytest.raises(ConfigError) as e:
+        load_space(path)
+    return str(e.value).replace(str(path), "X")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_space_loads(path):
+    space = load_space(path)
+    assert space.params, "a shipped space searches something"
+    config = define_by_run(space)(optuna.create_study().ask())
+    settings_from_dict(trial_settings(config), source=str(path))
+
+
+def test_the_default_space_is_the_papers():
+    space = load_space(PROJECT_ROOT / "search_spaces" / "faerec.yaml")
+    assert space.dataset.format == "ml-100k"
+    assert space.fixed["backbone"] == "sasrec" and space.fixed["method"] == "faerec"
+    kinds = {p.name: (p.kind, p.low, p.high) for p in space.params}
+    assert kinds["lambda"] == ("loguniform", 0.001, 0.1)
+    assert kinds["alpha"] == ("uniform", 0.05, 0.6)
+    assert kinds["tau"] == ("loguniform", 0.02, 0.5)
+    assert kinds["w_min"] == ("uniform", 0.1, 0.9)
+    assert kinds["w_max"][2] == 1.0
+    assert kinds["period"] == ("int", 5, 40)
+    assert space.search.metric == "val/overall/ndcg_20" and space.search.mode == "max"
+
+
+BREAKS = [
+    ("unknown top-level key", lambda s: s.update(serch={}),
+     "X: unknown key 'serch' (did you mean 'search'?); allowed: name, dataset"),
+    ("unknown search key", lambda s: s["search"].update(samples=3),
+     "X: search: unknown key 'samples'"),
+    ("unknown scheduler key", lambda s: s["search"]["scheduler"].update(grace_periods=2),
+     "X: search.scheduler: unknown key 'grace_periods' (did you mean 'grace_period'?)"),
+    ("unknown param", lambda s: s["params"].update(tauu={"type": "fixed", "value": 1}),
+     "X: params.tauu: unknown setting (did you mean 'tau'?)"),
+    ("unknown fixed setting", lambda s: s["fixed"].update(hiden_size=8),
+     "X: fixed.hiden_size: unknown setting (did you mean 'hidden_size'?)"),
+    ("setting owned by search", lambda s: s["fixed"].update(epochs=3),
+     "X: fixed.epochs: set by search.max_epochs"),
+    ("set twice", lambda s: s["fixed"].update(tau=0.1),
+     "X: params.tau: also set in fixed.tau"),
+    ("unknown param type", lambda s: s["params"]["tau"].update(type="normal"),
+     "X: params.tau.type: must be one of uniform, loguniform, int, categorical, grid, fixed"),
+    ("key of another type", lambda s: s["params"]["tau"].update(choices=[1]),
+     "X: params.tau: unknown key 'choices'"),
+    ("bad number", lambda s: s["params"]["tau"].update(high="big"),
+     "X: params.tau.high: expected a number, got 'big'"),
+    ("low >= high", lambda s: s["params"]["alpha"].update(low=0.5),
+     "X: params.alpha.low: must be below high (0.5), got 0.5"),
+    ("log range touching 0", lambda s: s["params"]["tau"].update(low=0),
+     "X: params.tau.low: a log range must be > 0, got 0"),
+    ("categorical without choices", lambda s: s["params"]["dropout"].update(choices=[]),
+     "X: params.dropout.choices: expected a non-empty list"),
+    ("int with a float bound", lambda s: s["params"]["period"].update(low=5.5),
+     "X: params.period.low: expected an integer, got 5.5"),
+    ("int step not dividing", lambda s: s["params"]["period"].update(step=4),
+     "X: params.period.high: high - low (35) must be a multiple of step (4)"),
+    ("float range for an int setting", lambda s: s["params"].update(
+        num_layers={"type": "uniform", "low": 1, "high": 3}), "X: params.num_layers: num_layers"),
+    ("value the setting rejects", lambda s: s["params"].update(
+        gating={"type": "categorical", "choices": [True, "maybe"]}), "X: params.gating: gating"),
+    ("bad fixed value", lambda s: s["fixed"].update(hidden_size="wide"),
+     "X: fixed: hidden_size"),
+    ("metric not reported", lambda s: s["search"].update(metric="val/overall/ndcg_50"),
+     "X: search.metric: 'val/overall/ndcg_50' is not a validation metric"),
+    ("test metric", lambda s: s["search"].update(metric="test/overall/ndcg_20"),
+     "X: search.metric: 'test/overall/ndcg_20' is not a validation metric"),
+    ("bad mode", lambda s: s["search"].update(mode="maximise"), "X: search.mode: must be max"),
+    ("cpu 0", lambda s: s["search"]["resources"].update(cpu=0),
+     "X: search.resources.cpu: must be > 0, got 0"),
+    ("gpu 1.5", lambda s: s["search"]["resources"].update(gpu=1.5),
+     "X: search.resources.gpu: must be a fraction in [0, 1] or a whole number, got 1.5"),
+    ("negative gpu", lambda s: s["search"]["resources"].update(gpu=-1),
+     "X: search.resources.gpu"),
+    ("no trials", lambda s: s["search"].update(num_samples=0),
+     "X: search.num_samples: must be >= 1, got 0"),
+    ("bool for an int", lambda s: s["search"].update(num_samples=True),
+     "X: search.num_samples: expected an integer, got True"),
+    ("missing budget", lambda s: s["search"].pop("max_epochs"),
+     "X: search.max_epochs: missing (required)"),
+    ("grace period over budget", lambda s: s["search"]["scheduler"].update(grace_period=11),
+     "X: search.scheduler.grace_period: 11 epochs exceeds search.max_epochs (10)"),
+    ("asha without grace period", lambda s: s["search"]["scheduler"].pop("grace_period"),
+     "X: search.scheduler.grace_period: missing (required)"),
+    ("asha with sparse validation", lambda s: s["search"].update(eval_every=2),
+     "X: search.eval_every: must be 1 with scheduler asha"),
+    ("bad scheduler", lambda s: s["search"]["scheduler"].update(type="hyperband"),
+     "X: search.scheduler.type: must be one of asha, none, got 'hyperband'"),
+    ("bad name", lambda s: s.update(name="a/b"), "X: name: use letters, digits"),
+    ("bad embedding", lambda s: s["embedding"].update(encoder="word2vec"), "X: embedding: encoder"),
+    ("bad dataset field", lambda s: s.update(dataset={"format": "ml-100k", "colour": 1}),
+     "X: dataset: "),
+    ("unknown dataset", lambda s: s.update(dataset="no-such-dataset"), "X: dataset: "),
+    ("grid not filled evenly", lambda s: s["params"].update(
+        ablation={"type": "grid", "choices": ["full", "no_ila", "no_fla"]}),
+     "X: search.num_samples: 4 is not a multiple of the grid size 3"),
+    ("unknown ablation", lambda s: s["params"].update(
+        ablation={"type": "categorical", "choices": ["full", "w/o AGF"]}),
+     "X: params.ablation: unknown variant 'w/o AGF'"),
+    ("ablation switch set twice", lambda s: (s["fixed"].update(ila=True), s["params"].update(
+        ablation={"type": "categorical", "choices": ["full", "no_ila"]})),
+     "X: params.ablation: variant 'no_ila' sets 'ila', which fixed.ila also sets"),
+]
+
+
+@pytest.mark.parametrize("change, expected", [b[1:] for b in BREAKS], ids=[b[0] for b in BREAKS])
+def test_each_mistake_is_one_error_naming_its_path(tmp_path, change, expected):
+    assert expected in error_of(tmp_path, change)
+
+
+def set_w(w_min, w_max):
+    """A param spec (a mapping) goes under params, a plain number under fixed, None nowhere."""
+    def change(space):
+        for name, value in (("w_min", w_min), ("w_max", w_max)):
+            space["params"].pop(name)
+            if value is not None:
+                space["params" if isinstance(value, dict) else "fixed"][name] = value
+    return change
+
+
+def uniform(low, high):
+    return {"type": "uniform", "low": low, "high": high}
+
+
+@pytest.mark.parametrize("change, expected", [
+    (set_w(uniform(0.6, 0.8), uniform(0.2, 0.5)),
+     "X: params.w_min / params.w_max: unsatisfiable: w_min >= 0.6 can never be below w_max <= 0.5"),
+    (set_w(uniform(0.1, 1.0), uniform(0.5, 1.0)),
+     "X: params.w_min / params.w_max: w_min can reach 1.0, but w_max must exceed it"),
+    (set_w(0.9, 0.5), "X: fixed.w_min / fixed.w_max: unsatisfiable"),
+    (set_w({"type": "fixed", "value": 0.7}, {"type": "fixed", "value": 0.7}),
+     "X: params.w_min / params.w_max: unsatisfiable"),
+    (set_w(0.95, uniform(0.1, 0.9)), "X: fixed.w_min / params.w_max"),
+    (set_w(uniform(0.5, 1.0), None), "X: params.w_min / w_max (default): w_min can reach 1.0"),
+    (set_w(uniform(0.1, 0.6), {"type": "categorical", "choices": [0.5, 1.0]}),
+     "X: params.w_min / params.w_max: w_max's values start at 0.5, not above w_min's largest"),
+    (set_w(uniform(0.1, 0.6), {"type": "categorical", "choices": ["high"]}),
+     "X: params.w_max: must be numbers"),
+], ids=["ranges apart", "w_min reaches w_max's top", "both fixed", "both fixed params",
+        "fixed w_min above searched w_max", "default w_max", "categorical overlap", "strings"])
+def test_unsatisfiable_curriculum_bounds_are_rejected(tmp_path, change, expected):
+    assert expected in error_of(tmp_path, change)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: t\nsearch:\n  num_samples: [1, 2\n  max_epochs: 3\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: YAML syntax error"):
+        load_space(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_space(tmp_path / "missing.yaml")
+
+
+def in_range(value, p) -> bool:
+    if p.kind in ("uniform", "loguniform", "int"):
+        return p.low <= value <= p.high
+    return value in p.choices
+
+
+def sample_trials(space, n: int, sampler) -> tuple[optuna.Study, list[dict]]:
+    """Ask/tell like Ray's OptunaSearch: two trials in flight at a time, a smooth objective."""
+    sample = define_by_run(space)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    configs = []
+    for _ in range(n // 2):
+        pending = [study.ask() for _ in range(2)]
+        for trial in pending:
+            config = sample(trial)
+            configs.append(config)
+            study.tell(trial, -(math.log(config["tau"]) + 3) ** 2 - (config["w_max"] - 0.8) ** 2)
+    return study, configs
+
+
+def test_sampled_configs_keep_w_max_above_w_min_and_stay_in_range(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space(write(tmp_path, valid_space()))
+    _, configs = sample_trials(space, N_SAMPLED, make_sampler(space))
+    assert len(configs) == N_SAMPLED
+    w_max = space.param("w_max")
+    for config in configs:
+        assert config["w_min"] < config["w_max"] <= w_max.high
+        assert GAP_MIN <= config["w_gap"] <= 1
+        for p in space.params:
+            assert in_range(config[p.name], p), (p.name, config[p.name])
+        assert config["hidden_size"] == 16 and config["epochs"] == 10  # fixed and budget
+        settings_from_dict(trial_settings(config), source="trial")
+    # The draws reach across the ranges, not just inside a corner of them.
+    assert min(c["w_max"] for c in configs) < 0.5 and max(c["w_max"] for c in configs) > 0.95
+
+
+def test_loguniform_w_max_above_a_fixed_w_min(tmp_path):
+    space = valid_space()
+    space["params"].pop("w_min")
+    space["fixed"]["w_min"] = 0.3
+    space["params"]["w_max"] = {"type": "loguniform", "low": 0.1, "high": 1.0}
+    space = load_space(write(tmp_path, space))
+    _, configs = sample_trials(space, 40, make_sampler(space))
+    assert all(0.3 < c["w_max"] <= 1.0 for c in configs)
+
+
+def test_w_max_is_drawn_directly_when_its_range_lies_above_w_min(tmp_path):
+    space = valid_space()
+    space["params"]["w_max"] = uniform(0.95, 1.0)
+    space = load_space(write(tmp_path, space))
+    config = define_by_run(space)(optuna.create_study().ask())
+    assert "w_gap" not in config and 0.95 <= config["w_max"] <= 1.0
+
+
+def independent_fallbacks(space, sample_fn, caplog) -> tuple[list[str], set[str]]:
+    """Run 30 trials; return Optuna's independent-sampling warnings and the parameters
+    that multivariate TPE left out of its joint model.
+
+    Optuna 5 logs the fallback through the `optuna` logger only when the (deprecated)
+    warn_independent_sampling=True is passed, so this sampler turns it on; otherwise it is
+    the sampler make_sampler builds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecation of that argument
+        sampler = optuna.samplers.TPESampler(seed=space.search.seed, multivariate=True,
+                                             constant_liar=True, warn_independent_sampling=True)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="optuna"):
+            for _ in range(30):
+                trial = study.ask()
+                config = sample_fn(trial)
+                study.tell(trial, -(config["w_max"] - config["w_min"] - 0.3) ** 2)
+    finally:
+        optuna.logging.disable_propagation()
+    warned = [r.getMessage() for r in caplog.records if "sampled independently" in r.getMessage()]
+    joint = sampler.infer_relative_search_space(study, study.trials[-1])
+    return warned, set(study.trials[-1].params) - set(joint)
+
+
+def test_tpe_stays_multivariate(tmp_path, caplog):
+    space = load_space(PROJECT_ROOT / "search_spaces" / "faerec.yaml")
+    assert make_sampler(space)._multivariate  # the settings the check below uses
+    warned, left_out = independent_fallbacks(space, define_by_run(space), caplog)
+    assert warned == [] and left_out == set()
+
+
+def test_a_naive_dependent_range_does_fall_back(tmp_path, caplog):
+    """The check above can fail: w_max drawn from (w_min, 1] is sampled independently."""
+    space = load_space(PROJECT_ROOT / "search_spaces" / "faerec.yaml")
+
+    def naive(trial):
+        w_min = trial.suggest_float("w_min", 0.1, 0.9)
+        return {"w_min": w_min, "w_max": trial.suggest_float("w_max", w_min, 1.0)}
+
+    warned, left_out = independent_fallbacks(space, naive, caplog)
+    assert left_out == {"w_max"}
+    assert warned and all("`w_max`" in message for message in warned)
+
+
+def test_grid_runs_every_ablation_variant_equally_often(tmp_path):
+    space = load_space(PROJECT_ROOT / "search_spaces" / "ablations.yaml",
+                       overrides={"num_samples": 14})
+    sample = define_by_run(space)
+    study = optuna.create_study(sampler=make_sampler(space))
+    configs = [sample(study.ask()) for _ in range(14)]
+    assert [c["ablation"] for c in configs] == list(ABLATIONS) * 2
+    for config in configs:
+        for switch, value in ABLATIONS[config["ablation"]].items():
+            assert config[switch] == value
+        settings_from_dict(trial_settings(config), source="trial")
+    assert sum(c.get("gating") is False for c in configs) == 2
+
+
+def test_two_grid_params_cover_their_product(tmp_path):
+    space = valid_space()
+    space["search"]["num_samples"] = 6
+    space["params"]["ablation"] = {"type": "grid", "choices": ["full", "no_fla", "no_pg"]}
+    space["params"]["seed"] = {"type": "grid", "choices": [1, 2]}
+    space = load_space(write(tmp_path, space))
+    sample = define_by_run(space)
+    study = optuna.create_study()
+    pairs = [(c["ablation"], c["seed"]) for c in (sample(study.ask()) for _ in range(6))]
+    assert sorted(pairs) == sorted((a, s) for a in ("full", "no_fla", "no_pg") for s in (1, 2))
+
+
+def test_overrides_replace_the_files_values(tmp_path):
+    path = write(tmp_path, valid_space())
+    dataset_yaml = tmp_path / "data.yaml"
+    dataset_yaml.write_text(yaml.safe_dump({"dataset": {"format": "ml-100k"}}))
+    space = load_space(path, overrides={
+        "num_samples": 3, "max_epochs": 5, "name": "other", "dataset": str(dataset_yaml),
+        "tracking_uri": "http://127.0.0.1:5000", "storage_path": str(tmp_path / "runs"),
+        "seed": None})  # None: not given on the command line
+    s = space.search
+    assert (s.num_samples, s.max_epochs, space.name) == (3, 5, "other")
+    assert s.tracking_uri == "http://127.0.0.1:5000"
+    assert s.storage_path == str(tmp_path / "runs")
+    assert define_by_run(space)(optuna.create_study().ask())["epochs"] == 5
+    assert "w_gap" not in trial_settings({"w_gap": 0.5, "ablation": "full", "tau": 0.1})
+
+
+def test_bad_overrides_are_reported_as_overrides(tmp_path):
+    path = write(tmp_path, valid_space())
+    with pytest.raises(ConfigError, match=r"\(with num_samples=0\): search.num_samples: must be >= 1"):
+        load_space(path, overrides={"num_samples": 0})
+    with pytest.raises(ConfigError, match=r"grace_period: 2 epochs exceeds search.max_epochs \(1\)"):
+        load_space(path, overrides={"max_epochs": 1})
+    with pytest.raises(ConfigError, match="unknown override 'epochs'"):
+        load_space(path, overrides={"epochs": 3})
+
+
+def test_relative_paths_are_taken_from_the_project_root(tmp_path):
+    space = valid_space()
+    space["search"].update(storage_path="out/runs", tracking_uri="sqlite:///db/m.db")
+    s = load_space(write(tmp_path, space)).search
+    assert s.storage_path == str(PROJECT_ROOT / "out" / "runs")
+    assert s.tracking_uri == f"sqlite:///{PROJECT_ROOT}/db/m.db"
+    defaults = load_space(write(tmp_path, valid_space())).search
+    assert defaults.tracking_uri == f"sqlite:///{PROJECT_ROOT}/mlflow/mlflow.db"
+    assert defaults.storage_path == str(PROJECT_ROOT / "results")
+    space["search"].update(storage_path="s3://bucket/runs")
+    assert load_space(write(tmp_path, space)).search.storage_path == "s3://bucket/runs"
+
+
+def test_plan_says_what_would_run(tmp_path):
+    space = valid_space()
+    space["search"]["resources"] = {"cpu": 2, "gpu": 0.5}
+    space["search"]["max_concurrent"] = 2
+    text = plan(load_space(write(tmp_path, space)))
+    assert "trials:     4, at most 2 at once, up to 10 epochs each" in text
+    assert "2 CPU, 0.5 GPU per trial" in text
+    assert "ASHA: every trial runs 2 epochs" in text
+    assert "tau" in text and "loguniform [0.02, 0.5]" in text
+    assert "w_max" in text and "(w_min, 1.0]" in text
+    assert f"{PROJECT_ROOT}/results/t (Ray Tune)" in text
+    assert f"sqlite:///{PROJECT_ROOT}/mlflow/mlflow.db (experiment 't')" in text
+
+
+def test_ray_optuna_search_gets_settings_plus_the_two_labels():
+    """What a trial really receives: Ray's OptunaSearch merges the drawn values (w_gap
+    included) with the returned config; trial_settings leaves only settings. No Ray started."""
+    ray = pytest.importorskip("ray")
+    from ray.tune.search.optuna import OptunaSearch
+
+    for name in ("faerec.yaml", "ablations.yaml"):
+        space = load_space(PROJECT_ROOT / "search_spaces" / name)
+        searcher = OptunaSearch(space=define_by_run(space), metric="m", mode="max",
+                                sampler=make_sampler(space))
+        config = searcher.suggest("trial_1")
+        assert set(config) - set(trial_settings(config)) <= {"w_gap", "ablation"}
+        model_cfg, _ = settings_from_dict(trial_settings(config), source=name)
+        assert model_cfg.w_min < model_cfg.w_max
+    assert not ray.is_initialized()

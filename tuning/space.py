@@ -1,0 +1,623 @@
+"""The search space: one YAML file, validated once, turned into an Optuna define-by-run function.
+
+    space = load_space("search_spaces/faerec.yaml", overrides={"num_samples": 4})
+    print(plan(space))
+    OptunaSearch(space=define_by_run(space), sampler=make_sampler(space),
+                 metric=..., mode=space.search.mode)
+
+A file has six sections: `name`, `dataset`, `embedding`, `fixed` (settings every trial
+shares), `search` (objective, budget, scheduler, resources, where results go) and `params`
+(the searched settings). Any mistake is ONE ConfigError raised before Ray starts, naming the
+file and the YAML path: `search_spaces/x.yaml: params.tau.low: ...`.
+
+Three things go beyond "draw each param from its range":
+- w_max > w_min (the curriculum's bounds, eq. 11). A w_max range that depends on the drawn
+  w_min would change the distribution from trial to trial, and multivariate TPE then falls
+  back to independent sampling. So when the two ranges overlap, the trial draws a static
+  `w_gap` in [GAP_MIN, 1] and w_max = lo + w_gap * (high(w_max) - lo), lo = max(w_min,
+  low(w_max)) (on the log scale for a loguniform w_max).
+- `ablation`: a Table 3 variant, expanded into the switches it turns off (ABLATIONS).
+- params of kind `grid` are not sampled: trial n takes grid combination n mod the grid size,
+  so every combination (e.g. every ablation variant) runs equally often.
+A trial's config therefore holds two keys that are not settings (`w_gap`, `ablation`):
+`trial_settings(config)` drops them.
+
+Relative paths (`storage_path`, a `sqlite:///` tracking URI, also from overrides) are taken
+relative to the project root, so results land in one place wherever the command runs.
+Dataset and embedding paths are model.data's and model.text's business.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+import yaml
+
+from model.data import DatasetConfig, dataset_config_from_dict, resolve_dataset
+from model.errors import ConfigError
+from model.text import EmbeddingConfig, embedding_config_from_dict
+from model.train import SETTING_NAMES, settings_from_dict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STORAGE_PATH = "results"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+
+# What the trainable reports on validation. Test metrics never steer the search.
+SEARCH_METRICS = tuple(f"val/{group}/{metric}_{k}" for group in ("overall", "tail", "head")
+                       for metric in ("hr", "ndcg") for k in (5, 10, 20))
+
+PARAM_KINDS = ("uniform", "loguniform", "int", "categorical", "grid", "fixed")
+_PARAM_KEYS = {"uniform": ("low", "high"), "loguniform": ("low", "high"),
+               "int": ("low", "high", "step"), "categorical": ("choices",),
+               "grid": ("choices",), "fixed": ("value",)}
+
+# Settings the `search` section owns, so no number can be given twice.
+RUN_SETTINGS = {"epochs": "search.max_epochs", "eval_every": "search.eval_every",
+                "select_metric": "search.metric", "num_threads": "search.resources.cpu"}
+
+# Paper Table 3: each variant and the switches it turns off.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "full": {},
+    "no_agf": {"gating": False},       # w/o AGF: f = (e_id + e_llm) / 2 instead of the gate
+    "no_ila": {"ila": False},          # w/o ILA: no item-level alignment
+    "no_fla": {"fla": False},          # w/o FLA: no feature-level alignment
+    "no_cls": {"curriculum": False},   # w/o CLS: w1 fixed at (w_max + w_min) / 2
+    "no_pg": {"pop_groups": False},    # w/o PG: one popularity group in FLA
+    "base": {"method": "base"},        # the backbone alone
+}
+
+GAP_MIN = 1e-3  # w_gap's floor: keeps w_max strictly above w_min
+NON_SETTING_KEYS = ("w_gap", "ablation")
+
+_TOP_KEYS = ("name", "dataset", "embedding", "fixed", "search", "params")
+_SEARCH_KEYS = ("metric", "mode", "num_samples", "max_concurrent", "seed", "max_epochs",
+                "scheduler", "resources", "max_failures", "storage_path", "tracking_uri",
+                "checkpoint_every", "eval_every")
+_OVERRIDES = {"num_samples": ("search", "num_samples"), "max_epochs": ("search", "max_epochs"),
+              "tracking_uri": ("search", "tracking_uri"),
+              "storage_path": ("search", "storage_path"),
+              "dataset": ("dataset",), "name": ("name",)}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a folder and an MLflow experiment name
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One entry of `params:`; which fields are used depends on `kind`."""
+    name: str
+    kind: str                          # one of PARAM_KINDS
+    low: float | None = None           # uniform, loguniform, int
+    high: float | None = None
+    step: int = 1                      # int
+    choices: tuple[Any, ...] = ()      # categorical, grid
+    value: Any = None                  # fixed
+
+    def extremes(self) -> tuple[Any, ...]:
+        """The values that bound what this param can take (checked against the settings)."""
+        if self.kind in ("uniform", "loguniform", "int"):
+            return self.low, self.high
+        return (self.value,) if self.kind == "fixed" else self.choices
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    metric: str                 # validation metric optimised, one of SEARCH_METRICS
+    mode: str                   # "max" (every reported metric is higher-is-better)
+    num_samples: int            # trials in total
+    max_concurrent: int         # trials running at once
+    seed: int                   # TPE sampler seed
+    max_epochs: int             # epoch budget per trial
+    scheduler: str              # "asha" | "none"
+    grace_period: int           # asha: epochs before a trial may be stopped
+    reduction_factor: float     # asha: about 1/reduction_factor of trials go on at each rung
+    cpu: float                  # per trial
+    gpu: float                  # per trial; a fraction shares one GPU between trials
+    max_failures: int           # retries of a failed trial
+    storage_path: str           # absolute: Ray Tune results and checkpoints
+    tracking_uri: str           # MLflow store or server; sqlite paths made absolute
+    checkpoint_every: int       # epochs
+    eval_every: int             # epochs
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    dataset: DatasetConfig
+    embedding: EmbeddingConfig
+    fixed: dict[str, Any]              # settings shared by every trial (external names)
+    search: SearchSettings
+    params: tuple[ParamSpec, ...]
+    source: str                        # the YAML file
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+# ------------------------------------------------------------------------- reading YAML
+
+_REQUIRED = object()
+
+
+class _Section:
+    """One YAML mapping: unknown keys are rejected up front, then fields are read typed."""
+
+    def __init__(self, data: Any, source: str, path: str, allowed: tuple[str, ...]):
+        self.source, self.path = source, path
+        if not isinstance(data, dict):
+            raise self.error(f"expected a mapping, got {data!r}")
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.error(f"unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+        self.data = data
+
+    def error(self, message: str, key: str | None = None) -> ConfigError:
+        path = ".".join(p for p in (self.path, key) if p)
+        return ConfigError(f"{self.source}: {path}: {message}" if path
+                           else f"{self.source}: {message}")
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            raise self.error("missing (required)", key)
+        return default
+
+    def integer(self, key: str, default: Any = _REQUIRED, minimum: int | None = None) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"expected an integer, got {value!r}", key)
+        if minimum is not None and value < minimum:
+            raise self.error(f"must be >= {minimum}, got {value}", key)
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(f"expected a number, got {value!r}", key)
+        return value
+
+    def string(self, key: str, default: Any = _REQUIRED, options: tuple[str, ...] = ()) -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.error(f"expected a non-empty string, got {value!r}", key)
+        if options and value not in options:
+            raise self.error(f"must be one of {', '.join(options)}, got {value!r}", key)
+        return value
+
+    def mapping(self, key: str) -> dict:
+        """An optional sub-mapping; an empty YAML section (`fixed:`) counts as empty."""
+        value = self.get(key, None)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(f"expected a mapping, got {value!r}", key)
+        return value
+
+    def section(self, key: str, allowed: tuple[str, ...]) -> _Section:
+        path = ".".join(p for p in (self.path, key) if p)
+        return _Section(self.mapping(key), self.source, path, allowed)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the search space: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(_TOP_KEYS)}, "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def _apply_overrides(raw: dict, overrides: Mapping[str, Any], source: str) -> tuple[dict, str]:
+    """Command-line values replace the file's; errors then name both."""
+    raw = copy.deepcopy(raw)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    for key, value in given.items():
+        if key not in _OVERRIDES:
+            raise ConfigError(f"unknown override {key!r}; allowed: {', '.join(_OVERRIDES)}")
+        *parents, leaf = _OVERRIDES[key]
+        node = raw
+        for parent in parents:
+            if node.get(parent) is None:
+                node[parent] = {}
+            node = node[parent]
+            if not isinstance(node, dict):  # the section check reports the bad section
+                break
+        else:
+            node[leaf] = value
+    if not given:
+        return raw, source
+    return raw, f"{source} (with {', '.join(f'{k}={v!r}' for k, v in given.items())})"
+
+
+def _project_path(path: str) -> str:
+    return str((PROJECT_ROOT / Path(path).expanduser()).resolve())
+
+
+def _absolute_storage(path: str) -> str:
+    return path if "://" in path else _project_path(path)  # s3://... goes to Ray unchanged
+
+
+def _absolute_uri(uri: str) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + _project_path(uri[len(prefix):])
+    return uri
+
+
+# ------------------------------------------------------------------------- validation
+
+def _check_setting_name(name: Any, source: str, path: str) -> None:
+    where = f"{source}: {path}.{name}"
+    if name in RUN_SETTINGS:
+        raise ConfigError(f"{where}: set by {RUN_SETTINGS[name]}, not here")
+    if name not in SETTING_NAMES:
+        close = difflib.get_close_matches(str(name), SETTING_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: unknown setting{hint}; known: {', '.join(SETTING_NAMES)}")
+
+
+def _parse_dataset(value: Any, source: str) -> DatasetConfig:
+    if isinstance(value, str):  # a built-in name or a dataset YAML
+        try:
+            return resolve_dataset(value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: dataset: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: dataset: expected a built-in name, a dataset YAML path "
+                          f"or a mapping of dataset fields, got {value!r}")
+    return dataset_config_from_dict(value, source=f"{source}: dataset")
+
+
+def _parse_search(top: _Section) -> SearchSettings:
+    s = top.section("search", _SEARCH_KEYS)
+    metric = s.string("metric", "val/overall/ndcg_20")
+    if metric not in SEARCH_METRICS:
+        raise s.error(f"{metric!r} is not a validation metric the trainable reports; "
+                      f"use val/{{overall|tail|head}}/{{hr|ndcg}}_{{5|10|20}}", "metric")
+    mode = s.string("mode", "max")
+    if mode != "max":
+        raise s.error(f"must be max (every reported metric is higher-is-better), got {mode!r}",
+                      "mode")
+    max_epochs = s.integer("max_epochs", minimum=1)
+    scheduler = s.section("scheduler", ("type", "grace_period", "reduction_factor"))
+    kind = scheduler.string("type", "none", options=("asha", "none"))
+    grace_period = scheduler.integer("grace_period", 1 if kind == "none" else _REQUIRED, minimum=1)
+    if grace_period > max_epochs:
+        raise scheduler.error(f"{grace_period} epochs exceeds search.max_epochs "
+                              f"({max_epochs}): no trial could be stopped early", "grace_period")
+    reduction_factor = scheduler.number("reduction_factor", 3)
+    if reduction_factor <= 1:
+        raise scheduler.error(f"must be > 1, got {reduction_factor}", "reduction_factor")
+    eval_every = s.integer("eval_every", 1, minimum=1)
+    if kind == "asha" and eval_every != 1:
+        raise s.error("must be 1 with scheduler asha (asha compares trials every epoch), "
+                      f"got {eval_every}", "eval_every")
+    resources = s.section("resources", ("cpu", "gpu"))
+    cpu, gpu = resources.number("cpu", 1), resources.number("gpu", 0)
+    if cpu <= 0:
+        raise resources.error(f"must be > 0, got {cpu}", "cpu")
+    if gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
+        raise resources.error(f"must be a fraction in [0, 1] or a whole number, got {gpu}", "gpu")
+    return SearchSettings(
+        metric=metric, mode=mode,
+        num_samples=s.integer("num_samples", minimum=1),
+        max_concurrent=s.integer("max_concurrent", 1, minimum=1),
+        seed=s.integer("seed", 0),
+        max_epochs=max_epochs, scheduler=kind, grace_period=grace_period,
+        reduction_factor=reduction_factor, cpu=cpu, gpu=gpu,
+        max_failures=s.integer("max_failures", 1, minimum=0),
+        storage_path=_absolute_storage(s.string("storage_path", DEFAULT_STORAGE_PATH)),
+        tracking_uri=_absolute_uri(s.string("tracking_uri", DEFAULT_TRACKING_URI)),
+        checkpoint_every=s.integer("checkpoint_every", 1, minimum=1),
+        eval_every=eval_every)
+
+
+def _parse_param(name: Any, spec: Any, source: str) -> ParamSpec:
+    path = f"params.{name}"
+    if name != "ablation":
+        _check_setting_name(name, source, "params")
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in PARAM_KINDS:
+        raise ConfigError(f"{source}: {path}.type: must be one of {', '.join(PARAM_KINDS)}, "
+                          f"got {kind!r}")
+    p = _Section(spec, source, path, ("type",) + _PARAM_KEYS[kind])
+    if kind == "fixed":
+        return ParamSpec(name, kind, value=p.get("value"))
+    if kind in ("categorical", "grid"):
+        choices = p.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise p.error(f"expected a non-empty list, got {choices!r}", "choices")
+        if any(not isinstance(c, (str, int, float, bool)) for c in choices):
+            raise p.error(f"each choice must be a string, number or boolean, got {choices!r}",
+                          "choices")
+        if len(set(map(repr, choices))) < len(choices):
+            raise p.error(f"has duplicates: {choices!r}", "choices")
+        return ParamSpec(name, kind, choices=tuple(choices))
+    if kind == "int":
+        low, high = p.integer("low"), p.integer("high")
+        step = p.integer("step", 1, minimum=1)
+        if (high - low) % step:
+            raise p.error(f"high - low ({high - low}) must be a multiple of step ({step})", "high")
+    else:
+        low, high = p.number("low"), p.number("high")
+        if kind == "loguniform" and low <= 0:
+            raise p.error(f"a log range must be > 0, got {low}", "low")
+        step = 1
+    if low >= high:
+        raise p.error(f"must be below high ({high}), got {low}", "low")
+    return ParamSpec(name, kind, low=low, high=high, step=step)
+
+
+def _check_ablation(space: SearchSpace) -> None:
+    ablation = space.param("ablation")
+    if ablation is None:
+        return
+    where = f"{space.source}: params.ablation"
+    if ablation.kind not in ("categorical", "grid", "fixed"):
+        raise ConfigError(f"{where}.type: must be categorical, grid or fixed, got {ablation.kind!r}")
+    for variant in ablation.extremes():
+        if variant not in ABLATIONS:
+            raise ConfigError(f"{where}: unknown variant {variant!r}; known: {', '.join(ABLATIONS)}")
+    for variant in ablation.extremes():
+        for switch in ABLATIONS[variant]:
+            if switch in space.fixed or space.param(switch):
+                section = "fixed" if switch in space.fixed else "params"
+                raise ConfigError(f"{where}: variant {variant!r} sets {switch!r}, which "
+                                  f"{section}.{switch} also sets; keep one")
+
+
+def _where(space: SearchSpace, name: str) -> str:
+    if space.param(name):
+        return f"params.{name}"
+    return f"fixed.{name}" if name in space.fixed else f"{name} (default)"
+
+
+def _bounds(space: SearchSpace, name: str) -> tuple[float, float]:
+    """The smallest and largest value `name` takes in any trial."""
+    param = space.param(name)
+    if param is None:
+        value = space.fixed.get(name, getattr(_defaults(), name))
+        values: tuple[Any, ...] = (value,)
+    else:
+        values = param.extremes()
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise ConfigError(f"{space.source}: {_where(space, name)}: must be numbers, got {values!r}")
+    return min(values), max(values)
+
+
+def _defaults():
+    model_cfg, _ = settings_from_dict({}, source="defaults")
+    return model_cfg
+
+
+def _derived_w_max(space: SearchSpace) -> ParamSpec | None:
+    """w_max's param when its range overlaps w_min's values, so it is drawn above w_min."""
+    w_max = space.param("w_max")
+    if w_max is None or w_max.kind not in ("uniform", "loguniform"):
+        return None
+    return w_max if w_max.low <= _bounds(space, "w_min")[1] else None
+
+
+def _check_curriculum_bounds(space: SearchSpace) -> None:
+    """Every trial must get w_min < w_max (eq. 11), or the space is rejected now."""
+    min_low, min_high = _bounds(space, "w_min")
+    max_low, max_high = _bounds(space, "w_max")
+    where = f"{space.source}: {_where(space, 'w_min')} / {_where(space, 'w_max')}"
+    if min_low >= max_high:
+        raise ConfigError(f"{where}: unsatisfiable: w_min >= {min_low} can never be below "
+                          f"w_max <= {max_high}")
+    if min_high >= max_high:
+        raise ConfigError(f"{where}: w_min can reach {min_high}, but w_max must exceed it and "
+                          f"goes up to {max_high} only: lower w_min's upper bound")
+    if max_low <= min_high and _derived_w_max(space) is None:
+        raise ConfigError(f"{where}: w_max's values start at {max_low}, not above w_min's "
+                          f"largest ({min_high}): give w_max a uniform or loguniform range "
+                          "(drawn above w_min) or values above w_min's")
+
+
+def _grid(space: SearchSpace) -> tuple[ParamSpec, ...]:
+    return tuple(p for p in space.params if p.kind == "grid")
+
+
+def _check_grid(space: SearchSpace) -> None:
+    size = math.prod(len(p.choices) for p in _grid(space))
+    if space.search.num_samples % size:
+        raise ConfigError(f"{space.source}: search.num_samples: {space.search.num_samples} is not "
+                          f"a multiple of the grid size {size}, so the grid combinations "
+                          "would not run equally often")
+
+
+def _typical_value(param: ParamSpec) -> float:
+    """A float inside a float range, off any whole number, as suggest_float returns."""
+    middle = (param.low + param.high) / 2
+    return math.nextafter(middle, param.high) if float(middle).is_integer() else middle
+
+
+def _check_values(space: SearchSpace) -> None:
+    """Every param's extreme values, within a whole trial config, pass the settings check."""
+    derived = _derived_w_max(space)
+    candidates = {}
+    for p in space.params:
+        if p is derived:
+            candidates["w_gap"] = (GAP_MIN, 1.0)
+        elif p.kind in ("uniform", "loguniform"):
+            candidates[p.name] = (p.low, p.high, _typical_value(p))
+        else:
+            candidates[p.name] = p.extremes()
+    base = {name: values[0] for name, values in candidates.items()}
+    for name, values in candidates.items():
+        path = "params.w_max" if name == "w_gap" else f"params.{name}"
+        for value in values:
+            config = _trial_config(space, {**base, name: value})
+            settings_from_dict(trial_settings(config), source=f"{space.source}: {path}")
+
+
+# ------------------------------------------------------------------------- public API
+
+def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    """Read and validate a search-space YAML. `overrides` (from the command line) may set
+    num_samples, max_epochs, dataset (a name or YAML path), tracking_uri, storage_path, name."""
+    raw = _read_yaml(Path(path))
+    raw, source = _apply_overrides(raw, overrides or {}, str(path))
+    top = _Section(raw, source, "", _TOP_KEYS)
+    name = top.string("name")
+    if not _NAME.fullmatch(name):
+        raise top.error(f"use letters, digits, '_', '.', '-' (a folder name), got {name!r}", "name")
+    fixed = top.mapping("fixed")
+    for setting in fixed:
+        _check_setting_name(setting, source, "fixed")
+    space = SearchSpace(
+        name=name,
+        dataset=_parse_dataset(top.get("dataset"), source),
+        embedding=embedding_config_from_dict(top.mapping("embedding"),
+                                             source=f"{source}: embedding"),
+        fixed=dict(fixed),
+        search=_parse_search(top),
+        params=tuple(_parse_param(n, spec, source) for n, spec in top.mapping("params").items()),
+        source=source)
+    for p in space.params:
+        if p.name in space.fixed:
+            raise ConfigError(f"{source}: params.{p.name}: also set in fixed.{p.name}; keep one")
+    _check_ablation(space)
+    _check_curriculum_bounds(space)  # before the settings check, which would name one side only
+    settings_from_dict(space.fixed, source=f"{source}: fixed")
+    _check_grid(space)
+    _check_values(space)
+    return space
+
+
+def _suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
+    if p.kind == "uniform":
+        return trial.suggest_float(p.name, p.low, p.high)
+    if p.kind == "loguniform":
+        return trial.suggest_float(p.name, p.low, p.high, log=True)
+    if p.kind == "int":
+        return trial.suggest_int(p.name, p.low, p.high, step=p.step)
+    if p.kind == "categorical":
+        return trial.suggest_categorical(p.name, list(p.choices))
+    return p.value
+
+
+def _grid_values(grid: tuple[ParamSpec, ...], trial_number: int) -> dict[str, Any]:
+    """Combination `trial_number` mod the grid size; the last grid param varies fastest."""
+    values, index = {}, trial_number
+    for p in reversed(grid):
+        index, position = divmod(index, len(p.choices))
+        values[p.name] = p.choices[position]
+    return values
+
+
+def _w_max_above(w_min: float, w_gap: float, w_max: ParamSpec) -> float:
+    low = max(w_min, w_max.low)
+    if w_max.kind == "loguniform":
+        value = math.exp(math.log(low) + w_gap * (math.log(w_max.high) - math.log(low)))
+    else:
+        value = low + w_gap * (w_max.high - low)
+    return min(value, w_max.high)  # rounding must not step past the user's bound
+
+
+def _trial_config(space: SearchSpace, drawn: Mapping[str, Any]) -> dict[str, Any]:
+    """The full flat config of a trial from its drawn values (w_gap, ablation included)."""
+    s = space.search
+    config = {"epochs": s.max_epochs, "eval_every": s.eval_every, "select_metric": s.metric,
+              "num_threads": max(1, int(s.cpu)), **space.fixed, **drawn}
+    config.update(ABLATIONS.get(config.get("ablation"), {}))
+    derived = _derived_w_max(space)
+    if derived is not None:
+        w_min = config.get("w_min", _defaults().w_min)
+        config["w_max"] = _w_max_above(w_min, config["w_gap"], derived)
+    return config
+
+
+def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]]:
+    """Optuna define-by-run function: draws one trial's params and returns its full flat
+    config (fixed settings, derived w_max, ablation switches). Every param keeps the same
+    distribution in every trial, so multivariate TPE models them jointly."""
+    derived = _derived_w_max(space)
+    grid = _grid(space)
+
+    def sample(trial: optuna.Trial) -> dict[str, Any]:
+        drawn = {}
+        for p in space.params:
+            if p is derived:
+                drawn["w_gap"] = trial.suggest_float("w_gap", GAP_MIN, 1.0)
+            elif p.kind != "grid":
+                drawn[p.name] = _suggest(trial, p)
+        drawn.update(_grid_values(grid, trial.number))
+        return _trial_config(space, drawn)
+
+    return sample
+
+
+def trial_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model/training settings of a trial config: without `w_gap` and `ablation`."""
+    return {k: v for k, v in config.items() if k not in NON_SETTING_KEYS}
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.TPESampler:
+    # constant_liar: running trials count as pending, so concurrent trials spread out.
+    return optuna.samplers.TPESampler(seed=space.search.seed, multivariate=True,
+                                      constant_liar=True)
+
+
+def _describe(space: SearchSpace, p: ParamSpec) -> str:
+    if p is _derived_w_max(space):
+        scale = " (log scale)" if p.kind == "loguniform" else ""
+        return (f"{p.kind} (w_min, {p.high}]: from max(w_min, {p.low}) up to {p.high} "
+                f"by w_gap in [{GAP_MIN}, 1]{scale}")
+    if p.kind in ("uniform", "loguniform"):
+        return f"{p.kind} [{p.low}, {p.high}]"
+    if p.kind == "int":
+        return f"int [{p.low}, {p.high}]" + (f" step {p.step}" if p.step != 1 else "")
+    if p.kind == "categorical":
+        return "one of " + ", ".join(map(str, p.choices))
+    if p.kind == "grid":
+        return "each in turn: " + ", ".join(map(str, p.choices))
+    return f"= {p.value}"
+
+
+def plan(space: SearchSpace) -> str:
+    """What a run of this space would do, for --dry-run."""
+    s = space.search
+    dataset = space.dataset.name or space.dataset.format
+    if s.scheduler == "asha":
+        scheduler = (f"ASHA: every trial runs {s.grace_period} epochs, then about "
+                     f"1/{s.reduction_factor:g} go on at each rung")
+    else:
+        scheduler = "none: every trial runs until max_epochs or early stopping"
+    width = max((len(p.name) for p in space.params), default=0)
+    lines = [
+        f"Search {space.name!r} from {space.source}",
+        f"  dataset:    {dataset} (format {space.dataset.format}); "
+        f"item embeddings: {space.embedding.encoder}",
+        f"  objective:  {s.mode} {s.metric} (validation; test metrics never steer the search)",
+        f"  trials:     {s.num_samples}, at most {s.max_concurrent} at once, up to "
+        f"{s.max_epochs} epochs each; Optuna TPE (multivariate, seed {s.seed})",
+        f"  scheduler:  {scheduler}",
+        f"  resources:  {s.cpu:g} CPU, {s.gpu:g} GPU per trial "
+        f"({s.cpu * s.max_concurrent:g} CPU, {s.gpu * s.max_concurrent:g} GPU at full concurrency)",
+        f"  failures:   retried up to {s.max_failures} times; checkpoint every "
+        f"{s.checkpoint_every} epochs",
+        "  fixed:      " + (", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "(none)"),
+        "  params:" + ("" if space.params else "     (none)"),
+        *(f"    {p.name:<{width}}  {_describe(space, p)}" for p in space.params),
+        f"  results:    {s.storage_path}/{space.name} (Ray Tune)",
+        f"  MLflow:     {s.tracking_uri} (experiment {space.name!r})",
+    ]
+    return "\n".join(lines)
