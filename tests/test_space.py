@@ -342,6 +342,8 @@ def test_overrides_replace_the_files_values(tmp_path):
         "num_samples": 3, "max_epochs": 5, "name": "other", "dataset": str(dataset_yaml),
         "tracking_uri": "http://127.0.0.1:5000", "storage_path": str(tmp_path / "runs"),
         "seed": None})  # None: not given on the command line
+    assert space.source == str(path)  # still the file: the tracker stores it as an artifact
+    assert "num_samples=3" in plan(space) and "seed" not in space.overrides
     s = space.search
     assert (s.num_samples, s.max_epochs, space.name) == (3, 5, "other")
     assert s.tracking_uri == "http://127.0.0.1:5000"

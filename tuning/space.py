@@ -134,6 +134,12 @@ class SearchSpace:
     search: SearchSettings
     params: tuple[ParamSpec, ...]
     source: str                        # the YAML file
+    overrides: dict[str, Any]          # command-line values that replaced the file's
+
+    @property
+    def label(self) -> str:
+        """How messages name this space: the file, and any command-line values applied."""
+        return _label(self.source, self.overrides)
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -223,11 +229,16 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _apply_overrides(raw: dict, overrides: Mapping[str, Any], source: str) -> tuple[dict, str]:
-    """Command-line values replace the file's; errors then name both."""
+def _label(source: str, overrides: Mapping[str, Any]) -> str:
+    if not overrides:
+        return source
+    return f"{source} (with {', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
+
+
+def _apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    """Command-line values replace the file's."""
     raw = copy.deepcopy(raw)
-    given = {key: value for key, value in overrides.items() if value is not None}
-    for key, value in given.items():
+    for key, value in overrides.items():
         if key not in _OVERRIDES:
             raise ConfigError(f"unknown override {key!r}; allowed: {', '.join(_OVERRIDES)}")
         *parents, leaf = _OVERRIDES[key]
@@ -240,9 +251,7 @@ def _apply_overrides(raw: dict, overrides: Mapping[str, Any], source: str) -> tu
                 break
         else:
             node[leaf] = value
-    if not given:
-        return raw, source
-    return raw, f"{source} (with {', '.join(f'{k}={v!r}' for k, v in given.items())})"
+    return raw
 
 
 def _project_path(path: str) -> str:
@@ -368,7 +377,7 @@ def _check_ablation(space: SearchSpace) -> None:
     ablation = space.param("ablation")
     if ablation is None:
         return
-    where = f"{space.source}: params.ablation"
+    where = f"{space.label}: params.ablation"
     if ablation.kind not in ("categorical", "grid", "fixed"):
         raise ConfigError(f"{where}.type: must be categorical, grid or fixed, got {ablation.kind!r}")
     for variant in ablation.extremes():
@@ -397,7 +406,7 @@ def _bounds(space: SearchSpace, name: str) -> tuple[float, float]:
     else:
         values = param.extremes()
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-        raise ConfigError(f"{space.source}: {_where(space, name)}: must be numbers, got {values!r}")
+        raise ConfigError(f"{space.label}: {_where(space, name)}: must be numbers, got {values!r}")
     return min(values), max(values)
 
 
@@ -418,7 +427,7 @@ def _check_curriculum_bounds(space: SearchSpace) -> None:
     """Every trial must get w_min < w_max (eq. 11), or the space is rejected now."""
     min_low, min_high = _bounds(space, "w_min")
     max_low, max_high = _bounds(space, "w_max")
-    where = f"{space.source}: {_where(space, 'w_min')} / {_where(space, 'w_max')}"
+    where = f"{space.label}: {_where(space, 'w_min')} / {_where(space, 'w_max')}"
     if min_low >= max_high:
         raise ConfigError(f"{where}: unsatisfiable: w_min >= {min_low} can never be below "
                           f"w_max <= {max_high}")
@@ -438,7 +447,7 @@ def _grid(space: SearchSpace) -> tuple[ParamSpec, ...]:
 def _check_grid(space: SearchSpace) -> None:
     size = math.prod(len(p.choices) for p in _grid(space))
     if space.search.num_samples % size:
-        raise ConfigError(f"{space.source}: search.num_samples: {space.search.num_samples} is not "
+        raise ConfigError(f"{space.label}: search.num_samples: {space.search.num_samples} is not "
                           f"a multiple of the grid size {size}, so the grid combinations "
                           "would not run equally often")
 
@@ -465,7 +474,7 @@ def _check_values(space: SearchSpace) -> None:
         path = "params.w_max" if name == "w_gap" else f"params.{name}"
         for value in values:
             config = _trial_config(space, {**base, name: value})
-            settings_from_dict(trial_settings(config), source=f"{space.source}: {path}")
+            settings_from_dict(trial_settings(config), source=f"{space.label}: {path}")
 
 
 # ------------------------------------------------------------------------- public API
@@ -474,7 +483,9 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     """Read and validate a search-space YAML. `overrides` (from the command line) may set
     num_samples, max_epochs, dataset (a name or YAML path), tracking_uri, storage_path, name."""
     raw = _read_yaml(Path(path))
-    raw, source = _apply_overrides(raw, overrides or {}, str(path))
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    raw = _apply_overrides(raw, given)
+    source = _label(str(path), given)  # every error names the file and the overrides
     top = _Section(raw, source, "", _TOP_KEYS)
     name = top.string("name")
     if not _NAME.fullmatch(name):
@@ -490,7 +501,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         fixed=dict(fixed),
         search=_parse_search(top),
         params=tuple(_parse_param(n, spec, source) for n, spec in top.mapping("params").items()),
-        source=source)
+        source=str(path), overrides=given)
     for p in space.params:
         if p.name in space.fixed:
             raise ConfigError(f"{source}: params.{p.name}: also set in fixed.{p.name}; keep one")
@@ -603,7 +614,7 @@ def plan(space: SearchSpace) -> str:
         scheduler = "none: every trial runs until max_epochs or early stopping"
     width = max((len(p.name) for p in space.params), default=0)
     lines = [
-        f"Search {space.name!r} from {space.source}",
+        f"Search {space.name!r} from {space.label}",
         f"  dataset:    {dataset} (format {space.dataset.format}); "
         f"item embeddings: {space.embedding.encoder}",
         f"  objective:  {s.mode} {s.metric} (validation; test metrics never steer the search)",
