@@ -49,15 +49,15 @@ FORMATS = ("ml-100k", "faerec", "amazon", "yelp", "csv")
 # The settings each format reads, beyond the common ones. A setting given for a format
 # that ignores it is reported: it is almost always a mistake in the file.
 COMMON_SETTINGS = {"format", "name", "min_sequence_length", "max_text_chars", "cache_dir"}
-_FILTERS = {"min_user_interactions", "min_item_interactions", "prompt_template"}
+_FILTERS_AND_PROMPT = {"min_user_interactions", "min_item_interactions", "prompt_template"}
 FORMAT_SETTINGS = {
-    "ml-100k": _FILTERS,
+    "ml-100k": _FILTERS_AND_PROMPT,
     # no filters: they would renumber the items and break the alignment with the .npy rows
     "faerec": {"interactions", "embeddings"},
-    "amazon": _FILTERS | {"interactions", "items"},
-    "yelp": _FILTERS | {"interactions", "items", "date_start", "date_end"},
-    "csv": _FILTERS | {"interactions", "items", "user_column", "item_column", "time_column",
-                       "item_id_column", "text_columns", "separator"},
+    "amazon": _FILTERS_AND_PROMPT | {"interactions", "items"},
+    "yelp": _FILTERS_AND_PROMPT | {"interactions", "items", "date_start", "date_end"},
+    "csv": _FILTERS_AND_PROMPT | {"interactions", "items", "user_column", "item_column",
+                                  "time_column", "item_id_column", "text_columns", "separator"},
 }
 FORMAT_DEFAULTS = {
     "amazon": {"min_user_interactions": 5, "min_item_interactions": 5},
@@ -72,7 +72,7 @@ class DatasetConfig:
     """Where a dataset lies and how to read it. Build it with `dataset_config_from_dict` or
     `resolve_dataset`: they validate it and fill in the format's defaults."""
     format: str = "ml-100k"  # ml-100k (embedded) | faerec | amazon | yelp | csv
-    name: str = "ml-100k"  # shown in logs and MLflow; default: the interactions file name
+    name: str = ""  # shown in logs and MLflow; "": the interactions file name, or the format
     interactions: str | None = None  # faerec .txt, Amazon/Yelp review dump, or table
     items: str | None = None  # Amazon metadata, Yelp business dump, or item table (csv)
     embeddings: str | None = None  # faerec: precomputed (n_items, d) .npy, row i-1 = item i
@@ -90,6 +90,11 @@ class DatasetConfig:
     date_end: str | None = None
     max_text_chars: int = 4095  # the paper cuts prompts here
     cache_dir: str | None = None  # None: $FAEREC_CACHE, else <repo>/.cache
+
+    def __post_init__(self):
+        if not self.name:  # reviews_Beauty.json.gz -> reviews_Beauty
+            name = Path(self.interactions).name.split(".")[0] if self.interactions else self.format
+            object.__setattr__(self, "name", name)  # frozen: the one way to set a default
 
 
 def _typed(source: str, key: str, value, tp):
@@ -130,9 +135,6 @@ def dataset_config_from_dict(d: Mapping, source: str, base_dir: str | Path | Non
     for key in PATH_SETTINGS:
         if values.get(key) is not None:
             values[key] = str(Path(base_dir or ".", values[key]).expanduser())
-    if "name" not in values:
-        values["name"] = Path(values["interactions"]).name.split(".")[0] if fmt != "ml-100k" \
-            else "ml-100k"
     cfg = DatasetConfig(**values)
     _check_values(cfg, source)
     return cfg
@@ -148,11 +150,13 @@ def _check_values(cfg: DatasetConfig, source: str) -> None:
     if cfg.max_text_chars < 1:
         raise ConfigError(f"{source}: dataset.max_text_chars = {cfg.max_text_chars} must be >= 1")
     for key in ("date_start", "date_end"):
+        value = getattr(cfg, key)
         try:
-            date.fromisoformat(getattr(cfg, key) or "2000-01-01")
+            valid = value is None or date.fromisoformat(value).isoformat() == value
         except ValueError:
-            raise ConfigError(f"{source}: dataset.{key} = {getattr(cfg, key)!r} is not a "
-                              "YYYY-MM-DD date") from None
+            valid = False
+        if not valid:
+            raise ConfigError(f"{source}: dataset.{key} = {value!r} is not a YYYY-MM-DD date")
     if cfg.date_start and cfg.date_end and cfg.date_start > cfg.date_end:
         raise ConfigError(f"{source}: dataset.date_start = {cfg.date_start!r} is after "
                           f"dataset.date_end = {cfg.date_end!r}")
@@ -191,8 +195,8 @@ def resolve_dataset(arg: str) -> DatasetConfig:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     section = doc.get("dataset", doc) if isinstance(doc, dict) else doc
     if isinstance(section, str):  # `dataset: ml-100k` or `dataset: other.yaml` in a search space
-        return resolve_dataset(section if section == "ml-100k" or not section.endswith(
-            (".yaml", ".yml")) else str(path.parent / section))
+        return resolve_dataset(str(path.parent / section) if section.endswith((".yaml", ".yml"))
+                               else section)
     return dataset_config_from_dict(section or {}, str(path), base_dir=path.parent)
 
 

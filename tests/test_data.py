@@ -173,7 +173,8 @@ def test_faerec_keeps_paper_ids_and_validates_embeddings(tmp_path, load):
     for name, array, message in [
             ("rows.npy", np.zeros((3, 2), np.float32), r"shape \(3, 2\), expected \(4, d\)"),
             ("flat.npy", np.zeros(4, np.float32), r"shape \(4,\), expected \(4, d\)"),
-            ("nan.npy", np.array([[0, 0], [0, 0], [np.nan, 0], [0, 0]]), "row 2 .item 3. is not finite"),
+            ("nan.npy", np.array([[0, 0], [0, 0], [np.nan, 0], [0, 0]]),
+             "row 2 .item 3. is not finite"),
             ("objects.npy", np.array([[{}], [{}], [{}], [{}]], dtype=object), "not a numpy"),
     ]:
         np.save(tmp_path / name, array, allow_pickle=True)
@@ -240,11 +241,13 @@ def test_amazon_2014_gzipped_python_literals_one_pass_filter(tmp_path, load):
             "'description': 'Smooth'}\n"
             "{'asin': 'I2', 'categories': [['Beauty']], 'salesRank': {'Beauty': 3}}\n"
             "{'asin': 'I4', 'title': 'filtered out'}\n")
-    data = load({"format": "amazon", "interactions": write_gz(tmp_path / "reviews_Beauty.json.gz", reviews),
+    data = load({"format": "amazon",
+                 "interactions": write_gz(tmp_path / "reviews_Beauty.json.gz", reviews),
                  "items": write_gz(tmp_path / "meta_Beauty.json.gz", meta),
                  "min_user_interactions": 2, "min_item_interactions": 2,
                  "prompt_template": BEAUTY})
-    assert data.item_ids.tolist() == ["I1", "I2", "I3"] and data.user_ids.tolist() == ["U1", "U2", "U4"]
+    assert data.item_ids.tolist() == ["I1", "I2", "I3"]
+    assert data.user_ids.tolist() == ["U1", "U2", "U4"]
     assert as_lists(data) == [[1, 2, 3], [1, 2], [1]]
     assert data.name == "reviews_Beauty"
     assert data.item_texts == [
@@ -270,8 +273,8 @@ def test_amazon_2018_and_2023_json_lines(tmp_path, load, release):
                 "The item has following features: Office, Pens. The item has following "
                 "descriptions: Blue ink..")
     else:
-        reviews = [{"user_id": "A", "asin": "C1", "parent_asin": "P1", "timestamp": 1_600_000_000_001},
-                   {"user_id": "A", "asin": "C2", "parent_asin": "P2", "timestamp": 1_600_000_000_000}]
+        reviews = [{"user_id": "A", "asin": "C1", "parent_asin": "P1", "timestamp": 1600000000001},
+                   {"user_id": "A", "asin": "C2", "parent_asin": "P2", "timestamp": 1600000000000}]
         meta = [{"parent_asin": "P1", "title": "Pen", "store": "Bic", "price": None,
                  "categories": [], "description": []}]
         text = ("The item has following attributes: name is Pen; brand is Bic; price is unknown. "
@@ -292,11 +295,12 @@ def test_amazon_defaults_to_the_papers_five_core(tmp_path):
 
 
 def test_yelp_date_window_and_poi_prompt(tmp_path, load):
-    reviews = [{"review_id": "r1", "user_id": "U", "business_id": "B1", "date": "1999-12-31 23:59:59"},
-               {"review_id": "r2", "user_id": "U", "business_id": "B2", "date": "2019-12-31 23:00:00"},
-               {"review_id": "r3", "user_id": "U", "business_id": "B1", "date": "2000-01-01 00:00:00"},
-               {"review_id": "r4", "user_id": "U", "business_id": "B3", "date": "2020-01-01 00:00:00"},
-               {"review_id": "r5", "user_id": "U", "business_id": "B3", "date": "2010-06-01 12:00:00"}]
+    reviews = [{"review_id": f"r{n}", "user_id": "U", "business_id": business, "date": date}
+               for n, (business, date) in enumerate([("B1", "1999-12-31 23:59:59"),
+                                                     ("B2", "2019-12-31 23:00:00"),
+                                                     ("B1", "2000-01-01 00:00:00"),
+                                                     ("B3", "2020-01-01 00:00:00"),
+                                                     ("B3", "2010-06-01 12:00:00")])]
     business = [{"business_id": "B1", "name": "Joe's", "city": "Las Vegas", "state": "NV",
                  "stars": 4.5, "review_count": 10, "is_open": 1,
                  "categories": "Pizza, Restaurants", "attributes": {"WiFi": "free"}}]
@@ -314,7 +318,8 @@ def test_yelp_date_window_and_poi_prompt(tmp_path, load):
     narrow = load({**settings, "date_start": "2005-01-01", "date_end": "2019-12-31"})
     assert narrow.item_ids.tolist() == ["B3", "B2"]
     cfg = dataset_config_from_dict({"format": "yelp", "interactions": "r.json"}, "x.yaml")
-    assert (cfg.date_start, cfg.date_end, cfg.min_user_interactions) == ("2000-01-01", "2019-12-31", 5)
+    assert (cfg.date_start, cfg.date_end) == ("2000-01-01", "2019-12-31")
+    assert cfg.min_user_interactions == cfg.min_item_interactions == 5
 
 
 def test_csv_dates_items_table_and_text_columns(tmp_path, load):
@@ -339,7 +344,8 @@ def test_csv_parquet_separator_and_file_order(tmp_path, load):
     data = load({"format": "csv", "interactions": str(tmp_path / "i.parquet"), "time_column": "ts"})
     assert data.item_ids.tolist() == ["10", "30"] and as_lists(data) == [[1], [1, 2]]
     semicolons = write(tmp_path / "i.txt", "user_id;item_id\na;x\na;y\nb;y\n")
-    data = load({"format": "csv", "interactions": semicolons, "separator": ";", "time_column": None})
+    data = load({"format": "csv", "interactions": semicolons, "separator": ";",
+                 "time_column": None})
     assert as_lists(data) == [[1, 2], [2]]  # no time column: file order
 
 
@@ -404,8 +410,8 @@ def test_cache_hit_invalidation_on_file_and_setting_change(tmp_path, load):
     ({"format": "faerec", "interactions": "a.txt", "min_item_interactions": 5},
      r"dataset.min_item_interactions = 5 is not used by format 'faerec'"),
     ({"min_sequence_length": 2}, r"dataset.min_sequence_length = 2 must be >= 3"),
-    ({"format": "yelp", "interactions": "r.json", "date_end": "2019-13-01"},
-     r"dataset.date_end = '2019-13-01' is not a YYYY-MM-DD date"),
+    ({"format": "yelp", "interactions": "r.json", "date_end": "20191231"},
+     r"dataset.date_end = .20191231. is not a YYYY-MM-DD date"),
     ({"format": "amazon", "interactions": "r.json", "prompt_template": "name is {name}"},
      r"dataset.prompt_template uses \{name\}; format 'amazon' has: brand, categories"),
     ({"prompt_template": "{title!r}"}, r"dataset.prompt_template/text_columns: .*plain column"),
@@ -424,7 +430,8 @@ def test_bad_files_name_file_field_and_value(tmp_path, load):
         ({"format": "csv", "interactions": str(tmp_path / "missing.csv")},
          DataError, "dataset.interactions: file not found: .*missing.csv"),
         ({"format": "csv", "interactions": csv, "user_column": "uid"},
-         DataError, r"i.csv: no column 'uid' \(dataset.user_column\); columns: \['user_id', 'item_id', 'timestamp'\]"),
+         DataError, r"i.csv: no column 'uid' \(dataset.user_column\); "
+                    r"columns: \['user_id', 'item_id', 'timestamp'\]"),
         ({"format": "csv", "interactions": csv},
          DataError, r"i.csv, data row 3: time 'yesterday' \(column 'timestamp'\) is not a number"),
         ({"format": "csv", "interactions": csv, "time_column": None, "min_item_interactions": 5},
@@ -432,7 +439,8 @@ def test_bad_files_name_file_field_and_value(tmp_path, load):
                     r"min_item_interactions=5"),
         ({"format": "csv", "interactions": csv, "time_column": None,
           "items": write(tmp_path / "items.csv", "item_id,title\nx,X\ny,Y\nx,Z\n")},
-         DataError, r"items.csv: item id 'x' \(column 'item_id'\) appears twice: data rows 1 and 3"),
+         DataError, r"items.csv: item id 'x' \(column 'item_id'\) appears twice: "
+                    r"data rows 1 and 3"),
         ({"format": "csv", "interactions": csv, "time_column": None,
           "items": str(tmp_path / "items.csv"), "prompt_template": "{title} by {brand}"},
          ConfigError, r"dataset.prompt_template uses 'brand', which is not a column of .*items.csv "
@@ -440,14 +448,18 @@ def test_bad_files_name_file_field_and_value(tmp_path, load):
         ({"format": "csv", "interactions": write(tmp_path / "i.dat", "a b\n")},
          ConfigError, r"i.dat: dataset.interactions has extension '.dat'; set dataset.separator"),
         ({"format": "faerec", "interactions": write(tmp_path / "f.txt", "1 1 2\n2 3 x\n")},
-         DataError, r"f.txt, line 2: expected `user item item ...` with integer items, got '2 3 x'"),
+         DataError, r"f.txt, line 2: expected `user item item ...` with integer items, "
+                    r"got '2 3 x'"),
         ({"format": "faerec", "interactions": write(tmp_path / "z.txt", "1 0 2\n")},
          DataError, r"z.txt, line 1: needs at least one item and item ids >= 1"),
-        ({"format": "amazon", "interactions": write_gz(tmp_path / "r.json.gz",
-                                                       '{"reviewerID": "a", "asin": "x", "unixReviewTime": 1}\n{oops\n')},
+        ({"format": "amazon", "interactions": write_gz(
+            tmp_path / "r.json.gz",
+            '{"reviewerID": "a", "asin": "x", "unixReviewTime": 1}\n{oops\n')},
          DataError, r"r.json.gz, line 2: not a JSON \(or Python literal\) object: '\{oops'"),
-        ({"format": "amazon", "interactions": write(tmp_path / "r.json", '{"reviewerID": "a", "unixReviewTime": 1}\n')},
-         DataError, r"r.json, line 1: no field parent_asin or asin \(fields: \['reviewerID', 'unixReviewTime'\]\)"),
+        ({"format": "amazon", "interactions": write(
+            tmp_path / "r.json", '{"reviewerID": "a", "unixReviewTime": 1}\n')},
+         DataError, r"r.json, line 1: no field parent_asin or asin "
+                    r"\(fields: \['reviewerID', 'unixReviewTime'\]\)"),
         ({"format": "yelp", "interactions": write(tmp_path / "y.json", jsonl(
             [{"user_id": "u", "business_id": "b", "date": "2010-01-01 10:00:00"},
              {"user_id": "u", "business_id": "b", "date": "01/02/2010"}]))},
@@ -462,7 +474,8 @@ def test_resolve_dataset_yaml_section_relative_paths_and_errors(tmp_path, load):
     write(tmp_path / "d.txt", "1 1 2 3\n")
     (tmp_path / "spaces").mkdir()
     space = write(tmp_path / "spaces" / "space.yaml",
-                  "metric: val/overall/ndcg_20\ndataset:\n  format: faerec\n  interactions: ../d.txt\n")
+                  "metric: val/overall/ndcg_20\n"
+                  "dataset:\n  format: faerec\n  interactions: ../d.txt\n")
     cfg = resolve_dataset(space)
     assert cfg.interactions == str(tmp_path / "spaces" / ".." / "d.txt") and cfg.name == "d"
     assert resolve_dataset(write(tmp_path / "named.yaml", "dataset: ml-100k\n")).format == "ml-100k"
@@ -479,11 +492,13 @@ def test_resolve_dataset_yaml_section_relative_paths_and_errors(tmp_path, load):
 
 def test_describe_json_and_table(tmp_path, capsys):
     write(tmp_path / "i.csv", HAND_CSV)
-    yaml_path = write(tmp_path / "hand.yaml", "format: csv\ninteractions: i.csv\nuser_column: user\n"
-                      "item_column: item\ntime_column: time\ncache_dir: cache\n")
+    yaml_path = write(tmp_path / "hand.yaml", "format: csv\ninteractions: i.csv\n"
+                      "user_column: user\nitem_column: item\ntime_column: time\n"
+                      "cache_dir: cache\n")
     assert main(["describe", "--dataset", yaml_path, "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert {k: stats[k] for k in ("users", "items", "interactions", "head_items", "tail_items")} == {
+    keys = ("users", "items", "interactions", "head_items", "tail_items")
+    assert {k: stats[k] for k in keys} == {
         "users": 3, "items": 5, "interactions": 11, "head_items": 1, "tail_items": 4}
     assert stats["first_prompt"] is None and stats["name"] == "i"
     assert (tmp_path / "cache" / "datasets").is_dir()  # relative cache_dir: next to the YAML
