@@ -1,0 +1,453 @@
+"""One training run: FAERec (or the plain backbone) on one dataset, evaluated like the paper.
+
+    python -m model.train --dataset ml-100k --backbone sasrec --method faerec --json
+
+Protocol (reference code): leave-one-out splits, sequence-to-sequence BCE with one
+sampled negative per position, validation every epoch, early stopping on a validation
+metric, the best validation state evaluated once on test. The loop knows nothing of Ray
+or MLflow: a caller passes `on_epoch` to watch (and checkpoint) the epochs go by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from model.data import SequenceData, load_dataset, pad_left, resolve_dataset
+from model.errors import ConfigError
+from model.faerec import FAERecConfig, build_model
+from model.metrics import RankingEvaluator
+from model.text import EmbeddingConfig, embedding_config_from_dict, item_embeddings, pca_embeddings
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200                # upper bound; early stopping usually ends sooner
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 42
+    patience: int = 10               # validations without improvement before stopping...
+    patience_min_steps: int = 400    # ...but never before this many optimiser steps without one:
+                                     # ML-100K has 4 steps/epoch, and SASRec sits on a popularity
+                                     # plateau (tail HR@10 = 0) for 30+ epochs before it improves
+    eval_every: int = 1              # validate every k epochs
+    select_metric: str = "val/overall/ndcg_20"  # the paper's early-stopping metric
+    eval_batch_size: int = 512
+    num_threads: int = 0             # CPU threads for torch; 0 = torch's default
+    device: str = "auto"             # auto = cuda when a GPU is visible, else cpu
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "patience", "eval_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        for name in ("patience_min_steps", "num_threads", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr!r}")
+        parts = self.select_metric.split("/")
+        if len(parts) != 3 or parts[0] != "val":
+            raise ConfigError(f"select_metric: must be a validation metric like "
+                              f"'val/overall/ndcg_20', got {self.select_metric!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Settings: one flat namespace over FAERecConfig and TrainConfig, as `--set key=value` and
+# search-space params address them. `lambda` is a Python keyword, so the field is `lambda_`.
+
+_EXTERNAL = {"lambda_": "lambda"}
+_FIELDS = {_EXTERNAL.get(f.name, f.name): (cls, f.name)
+           for cls in (FAERecConfig, TrainConfig) for f in dataclasses.fields(cls)}
+SETTING_NAMES: tuple[str, ...] = tuple(sorted(_FIELDS))
+
+
+def _coerce(value, hint, where: str):
+    """Check `value` against a field's type hint (int accepted for float, None for Optional)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+
+
+def settings_from_dict(settings: dict, source: str) -> tuple[FAERecConfig, TrainConfig]:
+    """Validate flat settings once, at the edge; errors name `source`, the key and the value."""
+    values: dict[type, dict] = {FAERecConfig: {}, TrainConfig: {}}
+    for key, value in settings.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown setting {key!r}; known settings: "
+                              f"{', '.join(SETTING_NAMES)}")
+        cls, name = _FIELDS[key]
+        hints = typing.get_type_hints(cls)
+        values[cls][name] = _coerce(value, hints[name], f"{source}: {key}")
+    try:
+        return FAERecConfig(**values[FAERecConfig]), TrainConfig(**values[TrainConfig])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def settings_to_dict(model_cfg: FAERecConfig, train_cfg: TrainConfig) -> dict:
+    """The inverse of `settings_from_dict`: the resolved flat settings, for logging."""
+    out = {}
+    for cfg in (model_cfg, train_cfg):
+        for f in dataclasses.fields(cfg):
+            out[_EXTERNAL.get(f.name, f.name)] = getattr(cfg, f.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: dataset + frozen LLM item embeddings (prepared once, shared by many runs).
+
+@dataclass
+class Inputs:
+    data: SequenceData
+    llm_embeddings: np.ndarray | None    # (n_items, d_llm); None when only `base` runs
+
+
+def load_inputs(dataset_cfg, embedding_cfg: EmbeddingConfig, need_llm: bool = True) -> Inputs:
+    data = load_dataset(dataset_cfg)
+    llm = item_embeddings(data, embedding_cfg) if need_llm else None
+    return Inputs(data, llm)
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+
+class TrainBatches:
+    """Sequence-to-sequence training arrays and the per-position negative sampler.
+
+    Each training sequence x = seq[:-2] gives input x[:-1] and target x[1:] (reference
+    code: items[:-3] -> items[1:-2]). One negative per position is drawn uniformly from
+    the items the user never interacted with (whole sequence, as the reference code).
+    """
+
+    def __init__(self, data: SequenceData, max_len: int, rng: np.random.Generator):
+        users = [u for u, s in enumerate(data.sequences) if len(s) >= 4]  # len(seq[:-2]) >= 2
+        train = [data.sequences[u][:-2] for u in users]
+        self.inputs = pad_left([x[:-1] for x in train], max_len)   # (U, L)
+        self.targets = pad_left([x[1:] for x in train], max_len)   # (U, L)
+        self.n_items = data.n_items
+        self.rng = rng
+        # Sorted keys user * (n + 1) + item answer "did user u see item i?" for a whole
+        # batch with one searchsorted call instead of a Python loop over users.
+        stride = data.n_items + 1
+        self.seen_keys = np.unique(np.concatenate(
+            [i * stride + np.asarray(data.sequences[u]) for i, u in enumerate(users)]))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def sample_negatives(self, rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        stride = self.n_items + 1
+        neg = self.rng.integers(1, self.n_items + 1, size=shape)
+        todo = np.ones(shape, dtype=bool)
+        for _ in range(100):  # rejection sampling; a user who saw almost every item needs more
+            keys = rows[:, None] * stride + neg
+            pos = np.searchsorted(self.seen_keys, keys).clip(max=len(self.seen_keys) - 1)
+            todo = self.seen_keys[pos] == keys
+            if not todo.any():
+                break
+            neg[todo] = self.rng.integers(1, self.n_items + 1, size=int(todo.sum()))
+        return neg
+
+    def epoch(self, batch_size: int):
+        order = self.rng.permutation(len(self))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            inputs, targets = self.inputs[rows], self.targets[rows]
+            negatives = self.sample_negatives(rows, targets.shape) * (targets > 0)
+            yield inputs, targets, negatives
+
+
+@dataclass
+class EvalSplit:
+    """Padded histories, targets and the (row, item) pairs to exclude from ranking."""
+    inputs: np.ndarray          # (U, L)
+    targets: np.ndarray         # (U,)
+    seen_rows: np.ndarray       # flat row index of every history item...
+    seen_items: np.ndarray      # ...and the item itself (whole history, not just the last L)
+
+    @classmethod
+    def build(cls, data: SequenceData, split: str, max_len: int) -> "EvalSplit":
+        histories, targets = data.eval_examples(split)
+        rows = np.concatenate([np.full(len(h), i) for i, h in enumerate(histories)])
+        items = np.concatenate(histories)
+        return cls(pad_left(histories, max_len), np.asarray(targets), rows, items)
+
+
+def evaluate(model, split: EvalSplit, data: SequenceData, name: str, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Full ranking over all items; the user's already-seen items score -inf.
+
+    A target that the user had already seen keeps its score: excluding it would count
+    a guaranteed miss, which no ranking could avoid.
+    """
+    model.eval()
+    evaluator = RankingEvaluator(torch.tensor(data.tail_mask, device=device),
+                                 torch.tensor(data.popularity_group, device=device))
+    row_starts = np.searchsorted(split.seen_rows, np.arange(len(split.targets) + 1))
+    with torch.no_grad():
+        items = model.scoring_items()  # the item matrix, built once for all batches
+        for start in range(0, len(split.targets), batch_size):
+            stop = min(start + batch_size, len(split.targets))
+            inputs = torch.as_tensor(split.inputs[start:stop], device=device)
+            targets = torch.as_tensor(split.targets[start:stop], device=device)
+            scores = model.score_all(inputs, items=items)             # (B, n + 1)
+            lo, hi = row_starts[start], row_starts[stop]
+            rows = torch.as_tensor(split.seen_rows[lo:hi] - start, device=device)
+            cols = torch.as_tensor(split.seen_items[lo:hi], device=device)
+            arange = torch.arange(len(targets), device=device)
+            target_scores = scores[arange, targets].clone()
+            scores[rows, cols] = -torch.inf
+            scores[arange, targets] = target_scores
+            evaluator.update(scores, targets)
+    return evaluator.compute(name)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class EpochRecord:
+    """What one epoch produced; `metrics` uses the design's names (`train/loss`, `val/...`)."""
+    epoch: int                       # 1-based
+    metrics: dict[str, float]
+    improved: bool                   # select_metric reached a new best this epoch
+    final: bool                      # the run ends after this epoch (budget or patience)
+    best_epoch: int
+    best_val: dict[str, float]       # validation metrics of the best state so far
+    best_test: dict[str, float]      # its test metrics (with test_on_improvement)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    val: dict[str, float]            # validation metrics of the best state
+    test: dict[str, float]           # test metrics of the best state
+    history: list[dict[str, float]]
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
+        on_epoch: Callable[[EpochRecord, Callable[[], dict]], None] | None = None,
+        resume: dict | None = None, test_on_improvement: bool = False,
+        cache_dir: str | None = None) -> FitResult:
+    """Train one configuration; return the best validation state's metrics.
+
+    `on_epoch(record, snapshot)` runs after every epoch; `snapshot()` returns everything
+    needed to continue later (`fit(..., resume=snapshot())`). With `test_on_improvement`
+    the best state is evaluated on test whenever it changes, so a caller that may be
+    stopped at any epoch (ASHA) always holds the test metrics of its best state; selection
+    still sees validation metrics only.
+    """
+    started = time.perf_counter()
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    device = resolve_device(train_cfg.device)
+    torch.manual_seed(train_cfg.seed)
+    rng = np.random.default_rng(train_cfg.seed)
+    data = inputs.data
+
+    llm = pca = None
+    if model_cfg.method == "faerec":
+        if inputs.llm_embeddings is None:
+            raise ConfigError("method faerec needs LLM item embeddings; none were loaded")
+        llm = torch.as_tensor(inputs.llm_embeddings, dtype=torch.float32)
+        if model_cfg.pca_init:
+            pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size,
+                                                 cache_dir))
+    popularity = torch.tensor(data.train_popularity)
+    model = build_model(model_cfg, data.n_items, llm, pca, popularity).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr,
+                                 weight_decay=train_cfg.weight_decay)
+
+    batches = TrainBatches(data, model_cfg.max_len, rng)
+    val_split = EvalSplit.build(data, "val", model_cfg.max_len)
+    test_split = EvalSplit.build(data, "test", model_cfg.max_len)
+    steps_per_epoch = math.ceil(len(batches) / train_cfg.batch_size)
+    # Patience counted in validations, stretched so it spans at least patience_min_steps.
+    patience = max(train_cfg.patience,
+                   math.ceil(train_cfg.patience_min_steps / (steps_per_epoch * train_cfg.eval_every)))
+
+    state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "best_val": {},
+             "best_test": {}, "best_model": None, "bad_evals": 0, "history": []}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        rng.bit_generator.state = resume["rng"]
+        torch.set_rng_state(resume["torch_rng"])
+        state = resume["loop"]
+
+    def snapshot() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "loop": copy.deepcopy(state)}
+
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):
+        tic = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        for inp, pos, neg in batches.epoch(train_cfg.batch_size):
+            parts = model.loss(*(torch.as_tensor(a, device=device) for a in (inp, pos, neg)),
+                               epoch=epoch)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        metrics = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
+        if not math.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(f"training loss is {metrics['train/loss']} at epoch {epoch}")
+        metrics["time/train_epoch_s"] = time.perf_counter() - tic
+
+        improved = False
+        if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs:
+            tic = time.perf_counter()
+            val = evaluate(model, val_split, data, "val", train_cfg.eval_batch_size, device)
+            metrics.update(val)
+            metrics["time/eval_s"] = time.perf_counter() - tic
+            if val[train_cfg.select_metric] > state["best_metric"]:
+                improved = True
+                state.update(best_metric=val[train_cfg.select_metric], best_epoch=epoch,
+                             best_val=val, bad_evals=0,
+                             best_model=copy.deepcopy(model.state_dict()))
+                if test_on_improvement:
+                    state["best_test"] = evaluate(model, test_split, data, "test",
+                                                  train_cfg.eval_batch_size, device)
+            else:
+                state["bad_evals"] += 1
+        metrics["time/epoch_s"] = metrics["time/train_epoch_s"] + metrics.get("time/eval_s", 0.0)
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, **metrics})
+        stopped_early = state["bad_evals"] >= patience
+        if on_epoch is not None:
+            on_epoch(EpochRecord(epoch, metrics, improved,
+                                 final=stopped_early or epoch == train_cfg.epochs,
+                                 best_epoch=state["best_epoch"], best_val=dict(state["best_val"]),
+                                 best_test=dict(state["best_test"])), snapshot)
+        if stopped_early:
+            break
+
+    if state["best_model"] is not None:
+        model.load_state_dict(state["best_model"])
+    test = state["best_test"] or evaluate(model, test_split, data, "test",
+                                          train_cfg.eval_batch_size, device)
+    return FitResult(best_epoch=state["best_epoch"], val=state["best_val"], test=test,
+                     history=state["history"], epochs_run=state["epoch"],
+                     stopped_early=stopped_early, seconds=time.perf_counter() - started,
+                     settings=settings_to_dict(model_cfg, train_cfg))
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+def _parse_assignments(pairs: list[str], flag: str) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {pair!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def _format_table(result: FitResult) -> str:
+    lines = [f"best validation epoch {result.best_epoch} of {result.epochs_run} "
+             f"({'early-stopped' if result.stopped_early else 'budget reached'}, "
+             f"{result.seconds:.1f} s)", "",
+             f"{'group':<10}" + "".join(f"{m:>10}" for m in
+                                        ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"))]
+    groups = ["overall", "tail", "head"] + sorted(
+        {k.split("/")[1] for k in result.test if k.split("/")[1].startswith("pop_")},
+        key=lambda g: int(g[4:].split("-")[0].rstrip("+")))
+    for g in groups:
+        cells = [result.test.get(f"test/{g}/{m}_{k}") for m in ("hr", "ndcg") for k in (5, 10, 20)]
+        lines.append(f"{g:<10}" + "".join(f"{c:>10.4f}" if c is not None else f"{'-':>10}"
+                                          for c in cells))
+    cov = [f"{k}={result.test[k]:.4f}" for k in sorted(result.test) if "coverage" in k]
+    lines += ["", "coverage: " + ", ".join(cov)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="ml-100k", help="built-in name or dataset YAML path")
+    p.add_argument("--backbone", default="sasrec", help="sasrec | fmlprec | lrurec")
+    p.add_argument("--method", default="faerec", choices=["faerec", "base"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"any model/training setting: {', '.join(SETTING_NAMES)}")
+    p.add_argument("--embedding", action="append", default=[], metavar="KEY=VALUE",
+                   help="item-embedding setting (encoder, path, url, model, ...)")
+    p.add_argument("--json", action="store_true", help="print one JSON object of test metrics")
+    args = p.parse_args(argv)
+    try:
+        settings = {"backbone": args.backbone.lower(), "method": args.method,
+                    **_parse_assignments(args.settings, "--set")}
+        if args.epochs is not None:
+            settings["epochs"] = args.epochs
+        if args.seed is not None:
+            settings["seed"] = args.seed
+        model_cfg, train_cfg = settings_from_dict(settings, "command line")
+        dataset_cfg = resolve_dataset(args.dataset)
+        embedding_cfg = embedding_config_from_dict(
+            _parse_assignments(args.embedding, "--embedding"), "--embedding")
+        inputs = load_inputs(dataset_cfg, embedding_cfg, need_llm=model_cfg.method == "faerec")
+        result = fit(inputs, model_cfg, train_cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**result.test, "best_epoch": result.best_epoch,
+                          "epochs_run": result.epochs_run, "seconds": round(result.seconds, 2),
+                          "settings": result.settings}))
+    else:
+        print(_format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
