@@ -281,8 +281,11 @@ def _check_setting_name(name: Any, source: str, path: str) -> None:
         raise ConfigError(f"{where}: unknown setting{hint}; known: {', '.join(SETTING_NAMES)}")
 
 
-def _parse_dataset(value: Any, source: str) -> DatasetConfig:
+def _parse_dataset(value: Any, source: str, base_dir: Path) -> DatasetConfig:
+    """Relative paths in a space file are relative to that file's folder."""
     if isinstance(value, str):  # a built-in name or a dataset YAML
+        if value.endswith((".yaml", ".yml")) and not Path(value).is_absolute():
+            value = str(base_dir / value)
         try:
             return resolve_dataset(value)
         except ConfigError as e:
@@ -290,7 +293,13 @@ def _parse_dataset(value: Any, source: str) -> DatasetConfig:
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: dataset: expected a built-in name, a dataset YAML path "
                           f"or a mapping of dataset fields, got {value!r}")
-    return dataset_config_from_dict(value, source=f"{source}: dataset")
+    return dataset_config_from_dict(value, source=f"{source}: dataset", base_dir=base_dir)
+
+
+def _parse_embedding(value: dict, source: str, base_dir: Path) -> EmbeddingConfig:
+    paths = {k: str(base_dir / v) for k, v in value.items()
+             if k in ("path", "model_path") and isinstance(v, str) and not Path(v).is_absolute()}
+    return embedding_config_from_dict({**value, **paths}, source=f"{source}: embedding")
 
 
 def _parse_search(top: _Section) -> SearchSettings:
@@ -495,9 +504,8 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         _check_setting_name(setting, source, "fixed")
     space = SearchSpace(
         name=name,
-        dataset=_parse_dataset(top.get("dataset"), source),
-        embedding=embedding_config_from_dict(top.mapping("embedding"),
-                                             source=f"{source}: embedding"),
+        dataset=_parse_dataset(top.get("dataset"), source, Path(path).resolve().parent),
+        embedding=_parse_embedding(top.mapping("embedding"), source, Path(path).resolve().parent),
         fixed=dict(fixed),
         search=_parse_search(top),
         params=tuple(_parse_param(n, spec, source) for n, spec in top.mapping("params").items()),
