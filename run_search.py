@@ -1,1 +1,79 @@
-"""Command-line entry point: python run_search.py --space search_spaces/faerec.yaml"""
+"""Search FAERec's hyper-parameters: Optuna over Ray Tune with ASHA, every trial in MLflow.
+
+    python run_search.py --space search_spaces/faerec.yaml [--dry-run]
+
+This file only parses arguments; `tuning.space` validates the space and `tuning.tuner`
+runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from model.errors import ConfigError, DataError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
+    p.add_argument("--dataset", help="built-in dataset name or dataset YAML; replaces the space's")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--max-epochs", type=int, help="epoch budget per trial")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the space's, "
+                                          "sqlite:///mlflow/mlflow.db)")
+    p.add_argument("--storage-path", help="where Ray Tune keeps results and checkpoints")
+    p.add_argument("--name", help="experiment name (results folder and MLflow experiment)")
+    p.add_argument("--resume", action="store_true", help="continue the search of that name")
+    p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tuning.space import load_space, plan  # after argparse: --help stays instant
+
+    if args.dataset and args.dataset.endswith((".yaml", ".yml")):
+        args.dataset = os.path.abspath(args.dataset)  # relative to where the user typed it
+    overrides = {k: v for k, v in {
+        "dataset": args.dataset, "num_samples": args.num_samples, "max_epochs": args.max_epochs,
+        "tracking_uri": args.tracking_uri, "storage_path": args.storage_path,
+        "name": args.name}.items() if v is not None}
+    try:
+        space = load_space(args.space, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan(space))
+    if args.dry_run:
+        return 0
+
+    from tuning.tuner import run
+    try:
+        outcome = run(space, resume=args.resume, address=args.address)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nstopped; continue with: python run_search.py "
+              f"{' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))} --resume",
+              file=sys.stderr)
+        return 130
+
+    from tuning.tuner import to_markdown
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(outcome.counts.items()))
+    print(f"\nSearch {space.name!r} finished in {outcome.seconds:.0f} s: {counts}.")
+    print("\nTop trials (selected on validation; test metrics of each trial's best state):")
+    print(to_markdown(outcome.summary.head(10)))
+    print(f"\nSummary: {outcome.summary_files['csv']}  {outcome.summary_files['md']}")
+    print(f"Ray Tune results: {outcome.experiment_path}")
+    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {space.name!r}; open the UI with")
+    print("    make ui    (or: bash mlflow/server.sh, then http://127.0.0.1:5000)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -293,7 +293,7 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
     if model_cfg.method == "faerec":
         if inputs.llm_embeddings is None:
             raise ConfigError("method faerec needs LLM item embeddings; none were loaded")
-        llm = torch.as_tensor(inputs.llm_embeddings, dtype=torch.float32)
+        llm = torch.tensor(inputs.llm_embeddings, dtype=torch.float32)  # a writable copy
         if model_cfg.pca_init:
             pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size,
                                                  cache_dir))
@@ -383,7 +383,7 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
 # ---------------------------------------------------------------------------------------
 # CLI
 
-def _parse_assignments(pairs: list[str], flag: str) -> dict:
+def parse_assignments(pairs: list[str], flag: str) -> dict:
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         settings = {"backbone": args.backbone.lower(), "method": args.method,
-                    **_parse_assignments(args.settings, "--set")}
+                    **parse_assignments(args.settings, "--set")}
         if args.epochs is not None:
             settings["epochs"] = args.epochs
         if args.seed is not None:
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, train_cfg = settings_from_dict(settings, "command line")
         dataset_cfg = resolve_dataset(args.dataset)
         embedding_cfg = embedding_config_from_dict(
-            _parse_assignments(args.embedding, "--embedding"), "--embedding")
+            parse_assignments(args.embedding, "--embedding"), "--embedding")
         inputs = load_inputs(dataset_cfg, embedding_cfg, need_llm=model_cfg.method == "faerec")
         result = fit(inputs, model_cfg, train_cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:

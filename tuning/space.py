@@ -564,24 +564,29 @@ def _trial_config(space: SearchSpace, drawn: Mapping[str, Any]) -> dict[str, Any
     return config
 
 
-def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]]:
+class DefineByRun:
     """Optuna define-by-run function: draws one trial's params and returns its full flat
     config (fixed settings, derived w_max, ablation switches). Every param keeps the same
-    distribution in every trial, so multivariate TPE models them jointly."""
-    derived = _derived_w_max(space)
-    grid = _grid(space)
+    distribution in every trial, so multivariate TPE models them jointly. A class rather
+    than a closure: Ray pickles the searcher, this function included, to resume a search."""
 
-    def sample(trial: optuna.Trial) -> dict[str, Any]:
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        derived = _derived_w_max(self.space)
         drawn = {}
-        for p in space.params:
+        for p in self.space.params:
             if p is derived:
                 drawn["w_gap"] = trial.suggest_float("w_gap", GAP_MIN, 1.0)
             elif p.kind != "grid":
                 drawn[p.name] = _suggest(trial, p)
-        drawn.update(_grid_values(grid, trial.number))
-        return _trial_config(space, drawn)
+        drawn.update(_grid_values(_grid(self.space), trial.number))
+        return _trial_config(self.space, drawn)
 
-    return sample
+
+def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]]:
+    return DefineByRun(space)
 
 
 def trial_settings(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,181 @@
+"""The Tuner, built in one place: Optuna (TPE) proposes, ASHA stops, MLflow records.
+
+`run(space)` prepares the dataset and embeddings once in the driver, puts them in the
+object store, runs the trials and returns the summary of the search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune import CLIReporter
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from model.errors import ConfigError
+from model.train import load_inputs
+from tuning.space import SearchSpace, define_by_run, make_sampler
+from tuning.trainable import best_key, train_trial
+from tuning.tracking import MLflowTuneCallback, SearchTracker
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SUMMARY_COLUMNS = ("test/overall/hr_10", "test/overall/ndcg_10", "test/tail/hr_10",
+                   "test/tail/ndcg_10", "test/overall/hr_20")
+
+
+@dataclass
+class SearchOutcome:
+    experiment_path: str
+    summary: pd.DataFrame            # one row per trial, best validation first
+    summary_files: dict[str, Path]   # csv / md
+    counts: dict[str, int]           # completed / early-stopped / failed
+    parent_run_id: str
+    seconds: float
+
+
+def _searched_names(space: SearchSpace) -> list[str]:
+    return [p.name for p in space.params if p.kind != "fixed"]
+
+
+def _outcome(result) -> str:
+    if result.error is not None:
+        return "failed"
+    return "completed" if (result.metrics or {}).get("finished") == 1.0 else "early-stopped"
+
+
+def summarise(results, space: SearchSpace) -> pd.DataFrame:
+    """One row per trial: its sampled values, best validation metric, test metrics."""
+    metric = space.search.metric
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial": m.get("trial_id", r.path and Path(r.path).name), "outcome": _outcome(r),
+               "epochs": m.get("epoch", 0)}
+        row.update({name: (r.config or {}).get(name) for name in _searched_names(space)})
+        row[f"best {metric}"] = m.get(best_key(metric), math.nan)
+        row.update({c: m.get(c, math.nan) for c in SUMMARY_COLUMNS})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(f"best {metric}", ascending=space.search.mode == "min",
+                                  na_position="last", ignore_index=True)
+    return table
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def local_folder(space: SearchSpace) -> Path:
+    """Where the driver writes its own files (summary, MLflow journal, dataset stats):
+    the experiment folder for local storage, else a folder in the project."""
+    storage = space.search.storage_path
+    base = Path(storage) if "://" not in storage else PROJECT_ROOT / "results"
+    return base / space.name
+
+
+def build_tuner(space: SearchSpace, inputs, tracker: SearchTracker, resume: bool) -> tune.Tuner:
+    s = space.search
+    metric = best_key(s.metric)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, inputs=inputs, checkpoint_every=s.checkpoint_every),
+        {"cpu": s.cpu, "gpu": s.gpu})
+    storage = space.search.storage_path
+    if resume:
+        path = f"{storage}/{space.name}"
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"--resume: no search named {space.name!r} under {storage}")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+
+    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode=s.mode,
+                            sampler=make_sampler(space))
+    if s.scheduler == "asha":
+        # Epochs are the time unit; a trial is judged only after grace_period epochs.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_epochs,
+                                  grace_period=s.grace_period,
+                                  reduction_factor=s.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    reporter = CLIReporter(
+        parameter_columns=_searched_names(space),
+        metric_columns={"epoch": "epoch", "val/overall/ndcg_10": "val NDCG@10",
+                        "val/tail/ndcg_10": "val tail NDCG@10", metric: "best"},
+        max_report_frequency=30, sort_by_metric=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=metric, mode=s.mode, search_alg=searcher,
+                                    scheduler=scheduler, num_samples=s.num_samples,
+                                    max_concurrent_trials=s.max_concurrent, reuse_actors=True,
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=space.name, storage_path=storage,
+            callbacks=[MLflowTuneCallback(tracker, max_epochs=s.max_epochs)],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            # num_to_keep >= 2: with 1, Ray floods the log with snapshot warnings.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            progress_reporter=reporter, verbose=1))
+
+
+def run(space: SearchSpace, resume: bool = False, address: str | None = None) -> SearchOutcome:
+    started = time.perf_counter()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter shows our chosen columns
+    # Short epochs checkpoint often; Ray's "snapshotting may become a bottleneck" notice
+    # about that is noise at this scale.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    s = space.search
+    folder = local_folder(space)
+    folder.mkdir(parents=True, exist_ok=True)
+    need_llm = space.fixed.get("method", "faerec") == "faerec" or any(
+        p.name in ("method", "ablation") for p in space.params)
+    inputs = load_inputs(space.dataset, space.embedding, need_llm=need_llm)
+    stats_file = folder / "dataset_stats.json"
+    stats_file.write_text(json.dumps(inputs.data.stats(), indent=2, default=str))
+
+    tracker = SearchTracker(s.tracking_uri, experiment_name=space.name,
+                            journal_path=folder / "mlflow-journal.jsonl")
+    parent = tracker.start_search(
+        space.name,
+        params={"num_samples": s.num_samples, "max_epochs": s.max_epochs, "metric": s.metric,
+                "mode": s.mode, "scheduler": s.scheduler, "grace_period": s.grace_period,
+                "reduction_factor": s.reduction_factor, "cpu_per_trial": s.cpu,
+                "gpu_per_trial": s.gpu, "max_concurrent": s.max_concurrent, "seed": s.seed,
+                "dataset": inputs.data.name, "search_space": space.label},
+        tags={"dataset": inputs.data.name},
+        artifacts={"search_space.yaml": space.source, "dataset_stats.json": stats_file},
+        resume=resume)
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+    best, files, failed = {}, {}, True
+    try:
+        results = build_tuner(space, inputs, tracker, resume).fit()
+        table = summarise(results, space)
+        files = {"csv": folder / "summary.csv", "md": folder / "summary.md"}
+        table.to_csv(files["csv"], index=False)
+        files["md"].write_text(to_markdown(table) + "\n")
+        if len(table) and not math.isnan(table.iloc[0][f"best {s.metric}"]):
+            best_result = results.get_best_result(metric=best_key(s.metric), mode=s.mode)
+            best = {k: v for k, v in (best_result.metrics or {}).items()
+                    if isinstance(v, (int, float)) and k.startswith(("best/", "test/"))}
+        failed = False
+    finally:
+        tracker.finish_search(best, artifacts=files, failed=failed)
+        tracker.close()
+    counts = table["outcome"].value_counts().to_dict() if len(table) else {}
+    return SearchOutcome(results.experiment_path, table, files, counts, parent,
+                         time.perf_counter() - started)
