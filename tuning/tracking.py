@@ -110,6 +110,12 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+def run_tags(tags: dict) -> dict[str, str]:
+    """Tags under valid names, values stringified and cut to MLflow's limit."""
+    return {name: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in tags.items()
+            if (name := metric_name(key)) is not None}
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -354,7 +360,7 @@ class SearchTracker:
         with self._lock:
             self._search = search_name
             start = self._submit("start", None, params=config_params(params),
-                                 tags={k: str(v) for k, v in tags.items()}, resume=resume,
+                                 tags=run_tags(tags), resume=resume,
                                  tracking_uri=self.tracking_uri,
                                  experiment=self.experiment_name)
             self._submit_artifacts(artifacts)
@@ -371,8 +377,7 @@ class SearchTracker:
         """Open the trial's child run (reopen it when the trial id already has one)."""
         _quoted(trial_id)
         with self._lock:
-            self._submit("start", trial_id, params=config_params(config),
-                         tags={k: str(v) for k, v in tags.items()})
+            self._submit("start", trial_id, params=config_params(config), tags=run_tags(tags))
 
     def trial_result(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
         """Log one epoch: the numeric `metrics` at `step`. A result for a trial that was
@@ -392,11 +397,11 @@ class SearchTracker:
             raise ValueError(f"outcome {outcome!r} is not one of {sorted(OUTCOME_STATUS)}")
         tags = {"outcome": outcome}
         if reason is not None:
-            tags["failure_reason"] = reason[:MAX_TAG_VAL_LENGTH]
+            tags["failure_reason"] = reason
         with self._lock:
             self._reopen(trial_id)
             step = self._last_step.get((self._search, trial_id), 0)
-            self._submit("end", trial_id, status=OUTCOME_STATUS[outcome], tags=tags,
+            self._submit("end", trial_id, status=OUTCOME_STATUS[outcome], tags=run_tags(tags),
                          metrics=self._points(final_metrics, step))
 
     def finish_search(self, metrics: dict[str, float], artifacts: dict[str, str | Path],
@@ -414,8 +419,8 @@ class SearchTracker:
         (False on timeout or when the store refused one for good)."""
         self._wake.set()
         with self._cond:
-            drained = self._cond.wait_for(lambda: not self._queue, timeout)
-            return drained and self._failed == 0
+            self._cond.wait_for(lambda: not self._queue or self._abandon, timeout)
+            return not self._queue and self._failed == 0
 
     def close(self) -> None:
         """End every run still open as KILLED (an interrupted search), wait up to
@@ -424,10 +429,11 @@ class SearchTracker:
         with self._lock:
             if self._closed:
                 return
-            for search in {s for s, trial in self._open if trial is None}:
+            for search in sorted({s for s, _ in self._open}):
                 self._end_open_trials(search)
-                self._submit("end", None, search=search, status="KILLED",
-                             tags={"outcome": INTERRUPTED})
+                if (search, None) in self._open:
+                    self._submit("end", None, search=search, status="KILLED",
+                                 tags={"outcome": INTERRUPTED})
             self._closing = True  # the writer exits once the queue is empty
         if not self.flush(self.close_timeout_s):
             with self._cond:
