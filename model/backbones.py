@@ -180,29 +180,32 @@ class FMLPRec(nn.Module):
 # --------------------------------------------------------------------------- LRURec
 
 
-def lru_recurrence(a, b):
-    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0, one step at a time (the definition)."""
+def lru_recurrence(lam, b):
+    """h_t = lam * h_{t-1} + b_t with h_{-1} = 0, one step at a time (the definition).
+
+    lam (N,) complex, b (B, L, N) complex -> h (B, L, N).
+    """
     h, out = torch.zeros_like(b[:, 0]), []
     for t in range(b.size(1)):
-        h = a[:, t] * h + b[:, t]
+        h = lam * h + b[:, t]
         out.append(h)
     return torch.stack(out, dim=1)
 
 
-def lru_scan(a, b):
+def lru_scan(lam, b):
     """The same recurrence as `lru_recurrence` by a parallel (Hillis-Steele) scan in ceil(log2 L) steps.
 
-    Each position holds the pair (a, b) of the affine map h -> a h + b covering a window
-    of inputs ending there; step k composes it with the window 2^k positions earlier.
-    a (1 or B, L, N), b (B, L, N), complex.
+    Before the step with offset o, position t holds sum_{t-o < s <= t} lam^(t-s) b_s; adding
+    lam^o times the value o positions earlier doubles that window. lam does not depend on
+    t, so the joining coefficient is the same lam^o everywhere (no per-position products).
     """
-    L, offset = b.size(1), 1
+    L, offset, power = b.size(1), 1, lam
+    t = torch.arange(L, device=b.device).unsqueeze(-1)  # (L, 1)
     while offset < L:
-        b_earlier = torch.cat([torch.zeros_like(b[:, :offset]), b[:, :-offset]], dim=1)
-        a_earlier = torch.cat([torch.ones_like(a[:, :offset]), a[:, :-offset]], dim=1)
-        b = a * b_earlier + b
-        a = a * a_earlier
-        offset *= 2
+        # roll + mask rather than slices: slicing's backward allocates and fills a full zero tensor
+        coefficient = power * (t >= offset)  # (L, N): nothing wraps around from the end
+        b = b + coefficient * torch.roll(b, offset, dims=1)  # (B, L, N)
+        offset, power = 2 * offset, power * power
     return b
 
 
@@ -233,7 +236,7 @@ class LRULayer(nn.Module):
         lam = torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))  # (n,)
         gamma = torch.sqrt(1 - lam.abs() ** 2)  # (n,)
         bx = torch.complex(x @ self.B_re.T, x @ self.B_im.T) * gamma  # (B, L, n)
-        h = lru_scan(lam.expand(1, x.size(1), -1), bx)  # (B, L, n)
+        h = lru_scan(lam, bx)  # (B, L, n)
         y = h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * x  # Re(C h) + D x, (B, L, d)
         return self.norm(x + self.dropout(y))
 

@@ -81,8 +81,7 @@ def test_sequence_longer_than_max_len_is_rejected():
 def test_lru_scan_equals_recurrence(L):
     g = torch.Generator().manual_seed(L)
     n = 6
-    radius = 0.5 + 0.5 * torch.rand(1, L, n, generator=g)
-    a = torch.polar(radius, 6.28 * torch.rand(1, L, n, generator=g)).expand(3, L, n)
+    lam = torch.polar(0.5 + 0.5 * torch.rand(n, generator=g), 6.28 * torch.rand(n, generator=g))
     b = torch.complex(torch.randn(3, L, n, generator=g), torch.randn(3, L, n, generator=g))
     # an explicit loop with Python complex numbers, independent of both functions
     expected = torch.zeros(3, L, n, dtype=torch.complex64)
@@ -90,10 +89,10 @@ def test_lru_scan_equals_recurrence(L):
         for j in range(n):
             h = 0j
             for t in range(L):
-                h = complex(a[i, t, j]) * h + complex(b[i, t, j])
+                h = complex(lam[j]) * h + complex(b[i, t, j])
                 expected[i, t, j] = h
-    torch.testing.assert_close(lru_recurrence(a, b), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lru_scan(a, b), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lru_recurrence(lam, b), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lru_scan(lam, b), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_lru_eigenvalues_start_on_the_ring():

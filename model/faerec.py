@@ -1,0 +1,304 @@
+"""FAERec (paper section 4): ID embeddings and frozen LLM embeddings, fused by a gate and
+aligned at the item and the feature level, in front of any sequential backbone.
+
+Reads top-down like the paper: projection (eq. 2), gating fusion (eqs. 3-4), item-level
+alignment (eq. 5), feature-level alignment (eqs. 6-10), curriculum (eqs. 11-12), then the
+config and the two models: the backbone alone on ID embeddings (`method="base"`, the
+paper's baselines) and FAERec, whose loss is eq. (14) with the BCE of eq. (13).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.backbones import BACKBONES
+from model.errors import ConfigError
+
+
+class ProjectionMLP(nn.Sequential):
+    """f_p of eq. (2): d_llm -> proj_hidden -> d, trainable; the LLM table itself stays frozen."""
+
+    def __init__(self, d_llm, hidden, d, dropout):
+        super().__init__(nn.Linear(d_llm, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d))
+
+
+class GatingFusion(nn.Module):
+    """Dimension-wise gate between ID and LLM embeddings, eqs. (3-4).
+
+    W1: 2d -> 2d and W2: 2d -> d as the paper prints them; gate="code" puts GELU +
+    Dropout(0.1) between the two layers, as the authors' code does.
+    """
+
+    def __init__(self, d, gate="paper"):
+        super().__init__()
+        self.W1 = nn.Linear(2 * d, 2 * d)
+        self.between = nn.Sequential(nn.GELU(), nn.Dropout(0.1)) if gate == "code" else nn.Identity()
+        self.W2 = nn.Linear(2 * d, d)
+
+    def gate(self, e_id, e_llm):
+        return torch.sigmoid(self.W2(self.between(self.W1(torch.cat([e_id, e_llm], dim=-1)))))  # eq. (3)
+
+    def forward(self, e_id, e_llm):
+        g = self.gate(e_id, e_llm)
+        return g * e_id + (1 - g) * e_llm  # eq. (4)
+
+
+def item_alignment_loss(e_id, e_llm, tau, item_ids=None):
+    """InfoNCE from each item's ID embedding to its LLM embedding over K items, eq. (5).
+
+    e_id, e_llm (K, d). Other rows holding the same item id (`item_ids` (K,), when items
+    occur more than once) are removed from the negatives: they are not different items.
+    """
+    logits = (F.normalize(e_id, dim=-1) / tau) @ F.normalize(e_llm, dim=-1).T  # (K, K) cosine / tau
+    if item_ids is not None:
+        copies = (item_ids[:, None] == item_ids[None, :]).fill_diagonal_(False)  # (K, K)
+        logits = logits.masked_fill(copies, -torch.inf)
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def standardize(e, eps=1e-6):
+    """Eq. (7): per dimension over the group, biased std, so that C in eq. (8) is a true
+    correlation (C_ii = 1 for identical views); eps keeps constant dimensions at 0, not NaN."""
+    return (e - e.mean(0)) / torch.sqrt(e.var(0, unbiased=False) + eps)
+
+
+def barlow_twins_loss(e_id, e_llm, lambda_):
+    """Eqs. (7-9) for one group of S items: e_id, e_llm (S, d)."""
+    c = standardize(e_id).T @ standardize(e_llm) / len(e_id)  # (d, d) eq. (8)
+    on_diag = c.diagonal()
+    return (1 - on_diag).pow(2).sum() + lambda_ * (c.pow(2).sum() - on_diag.pow(2).sum())  # eq. (9)
+
+
+def feature_alignment_loss(e_id, e_llm, lambda_, popularity, grouped=True):
+    """Barlow Twins within a high- and a low-popularity group of the batch items, eqs. (6-10).
+
+    Split at the median popularity of the K items: high = p > median, low = p <= median.
+    Eq. (6) prints strict inequalities on both sides, which with integer counts would drop
+    every item tied at the median; here every item lands in exactly one group. A group
+    with fewer than 2 items (e.g. all items equally popular: high is empty) adds nothing,
+    since a standard deviation over one item is undefined. grouped=False (w/o PG): one group.
+    """
+    if grouped:
+        high = popularity > popularity.median()  # torch's median of an even count: the lower middle value
+        groups = [high, ~high]
+    else:
+        groups = [torch.ones_like(popularity, dtype=torch.bool)]
+    loss = e_id.new_zeros(())
+    for members in groups:
+        if int(members.sum()) >= 2:
+            loss = loss + barlow_twins_loss(e_id[members], e_llm[members], lambda_)  # eq. (10)
+    return loss
+
+
+@dataclass(frozen=True)
+class CurriculumSchedule:
+    """Weight w1(t) of the item-level alignment at epoch t, eq. (11); FLA gets 1 - w1 (eq. 12)."""
+
+    w_max: float
+    w_min: float
+    period: int
+    enabled: bool = True  # False = w/o CLS: fixed at the schedule's mean
+
+    def __call__(self, epoch):
+        if not self.enabled:
+            return (self.w_max + self.w_min) / 2
+        return (self.w_max - self.w_min) * (1 + math.cos(2 * math.pi * epoch / self.period)) / 2 + self.w_min  # eq. (11)
+
+
+@dataclass
+class FAERecConfig:
+    method: str = "faerec"  # "base" = the backbone alone on randomly initialised ID embeddings
+    backbone: str = "sasrec"  # "sasrec" | "fmlprec" | "lrurec"
+    hidden_size: int = 128  # d; also the size of the d x d correlation matrices of FLA
+    num_layers: int = 2
+    num_heads: int = 2  # attention heads (SASRec only); must divide hidden_size
+    dropout: float | None = None  # backbone dropout; None = 0.4 (faerec) / 0.5 (base), as the paper's code
+    max_len: int = 50  # most recent items kept; SASRec's cost grows quadratically in it
+    proj_hidden: int = 768  # width of the eq. (2) MLP; its first layer is most of FAERec's extra cost
+    proj_dropout: float = 0.3
+    gate: str = "paper"  # "paper": eq. (3) as printed; "code": GELU + Dropout(0.1) between W1 and W2
+    gating: bool = True  # False = w/o AGF: f = (e_id + e_llm) / 2
+    pca_init: bool = True  # ID table from PCA of the LLM table (balanced start, sec. 4.1); False = normal(0, 0.02)
+    ila: bool = True  # item-level alignment, eq. (5); False = w/o ILA
+    fla: bool = True  # feature-level alignment, eqs. (6-10); False = w/o FLA
+    curriculum: bool = True  # False = w/o CLS: w1 fixed at (w_max + w_min) / 2
+    pop_groups: bool = True  # False = w/o PG: FLA over the batch as one group
+    tau: float = 0.05  # InfoNCE temperature: lower sharpens on hard negatives, noisier gradients
+    lambda_: float = 0.005  # Barlow Twins redundancy weight, eq. (9) (external name "lambda")
+    alpha: float = 0.2  # weight of the alignment loss, eq. (14)
+    w_max: float = 1.0  # upper bound of the ILA weight w1, eq. (11)
+    w_min: float = 0.9  # lower bound of w1: FLA's weight never exceeds 1 - w_min
+    period: int = 30  # curriculum period T in epochs
+    bce_items: str = "fused"  # item embeddings scored by BCE: "fused" (gate output) or "id" (the code); paper silent
+    score_llm_weight: float = 0.5  # share of proj(e_llm) in the scoring item matrix; 0.5 = the paper's equal weights
+    score_layernorm: bool = False  # LayerNorm on the scoring item matrix (the code's choice)
+    align_items: str = "unique"  # alignment over each distinct batch item once, or every "occurrence" (the code)
+
+    def __post_init__(self):
+        if self.dropout is None:
+            self.dropout = 0.4 if self.method == "faerec" else 0.5
+        choices = {"method": ("faerec", "base"), "backbone": tuple(BACKBONES), "gate": ("paper", "code"),
+                   "bce_items": ("fused", "id"), "align_items": ("unique", "occurrence")}
+        for name, allowed in choices.items():
+            _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {', '.join(allowed)}")
+        for name in ("hidden_size", "num_layers", "num_heads", "max_len", "proj_hidden", "period"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("dropout", "proj_dropout"):
+            _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
+        if self.backbone == "sasrec":
+            _require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
+                     f"a divisor of hidden_size {self.hidden_size}")
+        _require(self.tau > 0, "tau", self.tau, "> 0")
+        _require(self.lambda_ >= 0, "lambda", self.lambda_, ">= 0")
+        _require(self.alpha >= 0, "alpha", self.alpha, ">= 0")
+        _require(0 <= self.w_max <= 1, "w_max", self.w_max, "in [0, 1]")
+        _require(0 <= self.w_min <= self.w_max, "w_min", self.w_min, f"in [0, w_max = {self.w_max}]")
+        _require(0 <= self.score_llm_weight <= 1, "score_llm_weight", self.score_llm_weight, "in [0, 1]")
+
+
+def _require(ok, name, value, expected):
+    if not ok:
+        raise ConfigError(f"{name}: must be {expected}, got {value!r}")
+
+
+def init_weights(module):
+    """normal(0, 0.02) for linear and embedding weights, zero biases and padding row (the paper's code)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+
+
+class SequentialRecommender(nn.Module):
+    """A backbone over ID embeddings trained with BCE (eq. 13): method "base", and FAERec's shared path.
+
+    Interface for the training loop: `loss(...)` during training; `scoring_items()` once per
+    evaluation (in eval mode, under no_grad) and `score_all(input_ids, items)` per batch.
+    """
+
+    def __init__(self, cfg, n_items):
+        super().__init__()
+        self.cfg, self.n_items = cfg, n_items
+        self.id_embedding = nn.Embedding(n_items + 1, cfg.hidden_size, padding_idx=0)
+        self.backbone = BACKBONES[cfg.backbone](cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout,
+                                                cfg.max_len)
+        self.apply(init_weights)
+
+    def sequence_embeddings(self, input_ids):
+        """The backbone's input: (B, L) ids -> (B, L, d)."""
+        return self.id_embedding(input_ids)
+
+    def scoring_items(self):
+        """Item matrix for full ranking, (n_items + 1, d); row 0 is padding."""
+        return self.id_embedding.weight
+
+    def rec_loss(self, input_ids, pos_ids, seq_emb, pos_emb, neg_emb):
+        """BCE of eq. (13) at every position with a target: seq_emb, pos_emb, neg_emb (B, L, d)."""
+        h = self.backbone(seq_emb, input_ids != 0)  # (B, L, d)
+        pos_logits, neg_logits = (h * pos_emb).sum(-1), (h * neg_emb).sum(-1)  # (B, L)
+        loss = F.softplus(-pos_logits) + F.softplus(neg_logits)  # -log σ(h·e+) - log(1 - σ(h·e-))
+        return loss[pos_ids != 0].mean()
+
+    def loss(self, input_ids, pos_ids, neg_ids, epoch):
+        e = self.id_embedding
+        rec = self.rec_loss(input_ids, pos_ids, e(input_ids), e(pos_ids), e(neg_ids))
+        return {"loss": rec, "rec": rec}
+
+    def score_all(self, input_ids, items=None):
+        """Scores (B, n_items + 1) of every item after each sequence; column 0 (padding) is -inf."""
+        items = self.scoring_items() if items is None else items
+        h = self.backbone(self.sequence_embeddings(input_ids), input_ids != 0)[:, -1]  # (B, d), most recent position
+        scores = h @ items.T  # (B, n_items + 1)
+        scores[:, 0] = -torch.inf
+        return scores
+
+
+class FAERec(SequentialRecommender):
+    """Fused ID + LLM item embeddings into the backbone, BCE + α · dual-level alignment (eq. 14).
+
+    Every step projects each distinct item of the batch once (inputs, positives and
+    negatives together) and indexes the results back into (B, L, d) tensors: never the
+    padded (B, L, d_llm) tensors. The LLM table is a non-persistent buffer: frozen, moved
+    by `.to(device)`, and left out of state_dict (checkpoints stay small; it is rebuilt
+    from the embedding cache).
+    """
+
+    def __init__(self, cfg, n_items, llm_embeddings, pca=None, train_popularity=None):
+        super().__init__(cfg, n_items)
+        d = cfg.hidden_size
+        llm_embeddings = torch.as_tensor(llm_embeddings, dtype=torch.float32)
+        if llm_embeddings.ndim != 2 or len(llm_embeddings) != n_items:
+            raise ValueError(f"llm_embeddings must be (n_items={n_items}, d_llm), got {tuple(llm_embeddings.shape)}")
+        popularity = torch.as_tensor(train_popularity)
+        if popularity.shape != (n_items + 1,):
+            raise ValueError(f"train_popularity must be (n_items + 1 = {n_items + 1},), got {tuple(popularity.shape)}")
+        padded = torch.cat([llm_embeddings.new_zeros(1, llm_embeddings.size(1)), llm_embeddings])  # (n + 1, d_llm)
+        self.register_buffer("llm_embedding", padded, persistent=False)
+        self.register_buffer("popularity", popularity, persistent=False)
+        self.projection = ProjectionMLP(llm_embeddings.size(1), cfg.proj_hidden, d, cfg.proj_dropout)
+        self.fusion = GatingFusion(d, cfg.gate) if cfg.gating else None
+        self.projection.apply(init_weights)
+        if self.fusion is not None:
+            self.fusion.apply(init_weights)
+        if cfg.pca_init:
+            pca = torch.as_tensor(pca, dtype=torch.float32) if pca is not None else None
+            if pca is None or pca.shape != (n_items, d):
+                raise ValueError(f"pca_init needs a PCA table of shape (n_items={n_items}, d={d}), got "
+                                 f"{None if pca is None else tuple(pca.shape)}")
+            with torch.no_grad():
+                self.id_embedding.weight[1:] = pca
+        self.curriculum = CurriculumSchedule(cfg.w_max, cfg.w_min, cfg.period, cfg.curriculum)
+
+    def item_embeddings(self, ids):
+        """(K,) ids -> e_id, e_llm (eq. 2), fused f (eqs. 3-4), each (K, d)."""
+        e_id = self.id_embedding(ids)
+        e_llm = self.projection(self.llm_embedding[ids])
+        f = self.fusion(e_id, e_llm) if self.fusion is not None else (e_id + e_llm) / 2
+        return e_id, e_llm, f
+
+    def sequence_embeddings(self, input_ids):
+        ids, inverse = torch.unique(input_ids, return_inverse=True)  # (K,), (B, L)
+        return self.item_embeddings(ids)[2][inverse]  # (B, L, d)
+
+    def scoring_items(self):
+        """(1 - w) e_id + w proj(e_llm) for every item (sec. 4.3, w = score_llm_weight); one projection of the table."""
+        w = self.cfg.score_llm_weight
+        items = (1 - w) * self.id_embedding.weight + w * self.projection(self.llm_embedding)  # (n + 1, d)
+        return F.layer_norm(items, items.shape[-1:]) if self.cfg.score_layernorm else items
+
+    def loss(self, input_ids, pos_ids, neg_ids, epoch):
+        cfg = self.cfg
+        ids, inverse = torch.unique(torch.stack([input_ids, pos_ids, neg_ids]), return_inverse=True)  # (K,), (3, B, L)
+        e_id, e_llm, f = self.item_embeddings(ids)  # (K, d) each
+        scored = f if cfg.bce_items == "fused" else e_id
+        rec = self.rec_loss(input_ids, pos_ids, f[inverse[0]], scored[inverse[1]], scored[inverse[2]])
+
+        # Alignment items: the real input items plus the sampled negatives (the paper's code).
+        rows = torch.cat([inverse[0][input_ids != 0], inverse[2][neg_ids != 0]])  # indices into ids
+        if cfg.align_items == "unique":
+            rows = rows.unique()
+        item_ids = ids[rows]  # (K_align,)
+        copies = item_ids if cfg.align_items == "occurrence" else None  # unique rows have no copies to mask
+        zero = rec.new_zeros(())
+        ila = item_alignment_loss(e_id[rows], e_llm[rows], cfg.tau, copies) if cfg.ila else zero
+        fla = (feature_alignment_loss(e_id[rows], e_llm[rows], cfg.lambda_, self.popularity[item_ids], cfg.pop_groups)
+               if cfg.fla else zero)
+        w1 = self.curriculum(epoch)
+        align = w1 * ila + (1 - w1) * fla  # eq. (12); a disabled term is 0, the other keeps its weight
+        return {"loss": rec + cfg.alpha * align, "rec": rec, "ila": ila, "fla": fla, "align": align,  # eq. (14)
+                "w_ila": torch.tensor(w1)}
+
+
+def build_model(cfg, n_items, llm_embeddings=None, pca=None, train_popularity=None):
+    """The model `cfg.method` names; llm_embeddings (n_items, d_llm), pca (n_items, d) and
+    train_popularity (n_items + 1,) are needed by FAERec only (pca only with pca_init)."""
+    if cfg.method == "base":
+        return SequentialRecommender(cfg, n_items)
+    if llm_embeddings is None:
+        raise ValueError("method 'faerec' needs llm_embeddings")
+    return FAERec(cfg, n_items, llm_embeddings, pca, train_popularity)
