@@ -75,6 +75,7 @@ class MlflowServer:
 
     def __init__(self, folder: Path):
         self.port, self.folder = free_port(), folder
+        folder.mkdir(exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
 
@@ -97,12 +98,8 @@ class MlflowServer:
                 time.sleep(0.5)
         raise TimeoutError(f"mlflow server not healthy after {timeout} s")
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def stop(self) -> None:
-        if not self.running:
+        if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
@@ -139,20 +136,12 @@ def tags(run: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """One server for the module (each start costs several seconds); tests stop and start
-    it, each under its own experiment."""
-    srv = MlflowServer(tmp_path_factory.mktemp("server"))
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path / "server")
+    srv.start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def server(mlflow_server):
-    if not mlflow_server.running:
-        mlflow_server.start()
-    return mlflow_server
 
 
 @pytest.fixture
@@ -301,70 +290,67 @@ def test_resume_reopens_the_same_parent_and_trial_runs(tmp_path, trackers):
 
 # ---------------------------------------------------------------- tracking server
 
-def test_server_blip_delays_but_loses_nothing(tmp_path, server, trackers):
-    tracker = trackers(server.url, "blip", tmp_path / "journal.jsonl")
-    tracker.start_search("search-b", {"num_samples": 2}, {}, {})
-    tracker.trial_started("t-a", {"lr": 0.01}, {"backbone": "sasrec"})
-    log_epochs(tracker, "t-a", [1, 2])
-    assert tracker.flush(timeout=30)
+def test_server_outage_delays_but_loses_nothing(tmp_path, server, trackers):
+    """Two searches live through one outage of the server: `live` keeps logging and
+    catches up by itself when the server is back; `closed` is closed during the outage
+    (as a driver that ends or crashes), and the `sync` command replays its journal."""
+    live = trackers(server.url, "live", tmp_path / "live.jsonl")
+    closed = trackers(server.url, "closed", tmp_path / "closed.jsonl", close_timeout_s=1.0)
+    files = write_files(tmp_path / "files")
+    for tracker in (live, closed):
+        tracker.start_search("search", {"num_samples": 2}, {},
+                             {"search_space.yaml": files["search_space.yaml"]})
+        tracker.trial_started("t-a", {"lr": 0.01}, {"backbone": "sasrec"})
+        log_epochs(tracker, "t-a", [1, 2])
+        assert tracker.flush(timeout=30)
 
     server.stop()
     slowest = 0.0
-    for call in (lambda: log_epochs(tracker, "t-a", [3]),
-                 lambda: tracker.trial_finished("t-a", "completed", {"test/overall/ndcg_10": 0.3}),
-                 lambda: tracker.trial_started("t-b", {"lr": 0.02}, {"backbone": "sasrec"}),
-                 lambda: log_epochs(tracker, "t-b", [1, 2, 3]),
-                 lambda: tracker.trial_finished("t-b", "early-stopped", {}),
-                 lambda: tracker.finish_search({"test/overall/ndcg_10": 0.3}, {})):
+    for call in (lambda: log_epochs(live, "t-a", [3]),
+                 lambda: live.trial_finished("t-a", "completed", {"test/overall/ndcg_10": 0.3}),
+                 lambda: live.trial_started("t-b", {"lr": 0.02}, {"backbone": "sasrec"}),
+                 lambda: log_epochs(live, "t-b", [1, 2, 3]),
+                 lambda: live.trial_finished("t-b", "early-stopped", {}),
+                 lambda: live.finish_search({"test/overall/ndcg_10": 0.3},
+                                            {"summary.csv": files["summary.csv"]})):
         started = time.monotonic()
         call()
         slowest = max(slowest, time.monotonic() - started)
     assert slowest < 0.5, "a call waited for the unreachable server"
-    assert not tracker.flush(timeout=1)
+    assert not live.flush(timeout=1)
+
+    log_epochs(closed, "t-a", [3])
+    closed.trial_finished("t-a", "completed", {})
+    closed.trial_started("t-b", {"lr": 0.02}, {})
+    log_epochs(closed, "t-b", [1])
+    started = time.monotonic()
+    closed.close()  # the server did not come back in time: its runs stay open in MLflow
+    assert time.monotonic() - started < 15
 
     server.start()  # same port, same store
-    assert tracker.flush(timeout=60)
-    runs = server.runs("blip")
-    assert sorted(runs) == ["search-b", "t-a", "t-b"]
+    assert live.flush(timeout=60)
+    # the command's code in this process (a fresh tracker; a subprocess costs 5 s of imports)
+    assert main(["sync", "--journal", str(tmp_path / "closed.jsonl"), "--timeout", "60"]) == 0
+
+    runs = server.runs("live")
+    assert sorted(runs) == ["search", "t-a", "t-b"]
     assert {n: r["info"]["status"] for n, r in runs.items()} == {
-        "search-b": "FINISHED", "t-a": "FINISHED", "t-b": "FINISHED"}
+        "search": "FINISHED", "t-a": "FINISHED", "t-b": "FINISHED"}
     assert server.steps(runs["t-a"]) == [1, 2, 3]
     assert server.steps(runs["t-b"]) == [1, 2, 3]
     assert server.steps(runs["t-a"], "test/overall/ndcg_10") == [3]
-    assert tags(runs["t-a"])["mlflow.parentRunId"] == runs["search-b"]["info"]["run_id"]
+    assert tags(runs["t-a"])["mlflow.parentRunId"] == runs["search"]["info"]["run_id"]
     assert tags(runs["t-b"])["outcome"] == "early-stopped"
     assert tags(runs["t-a"])["backbone"] == "sasrec"
+    artifacts = server.rest("artifacts/list", run_id=runs["search"]["info"]["run_id"])
+    assert sorted(f["path"] for f in artifacts["files"]) == ["search_space.yaml", "summary.csv"]
 
-
-def test_sync_replays_what_a_closed_tracker_could_not_send(tmp_path, server, trackers):
-    journal = tmp_path / "journal.jsonl"
-    tracker = trackers(server.url, "crash", journal, close_timeout_s=1.0)
-    tracker.start_search("search-c", {"num_samples": 2}, {},
-                         {"search_space.yaml": write_files(tmp_path / "f")["search_space.yaml"]})
-    tracker.trial_started("t-a", {"lr": 0.01}, {})
-    log_epochs(tracker, "t-a", [1, 2])
-    assert tracker.flush(timeout=30)
-
-    server.stop()
-    log_epochs(tracker, "t-a", [3])
-    tracker.trial_finished("t-a", "completed", {})
-    tracker.trial_started("t-b", {"lr": 0.02}, {})
-    log_epochs(tracker, "t-b", [1])
-    started = time.monotonic()
-    tracker.close()  # the server never came back: t-b and the search stay open in MLflow
-    assert time.monotonic() - started < 15
-
-    server.start()
-    # the command's code in this process (a fresh tracker; a subprocess costs 5 s of imports)
-    assert main(["sync", "--journal", str(journal), "--timeout", "60"]) == 0
-    runs = server.runs("crash")
-    assert sorted(runs) == ["search-c", "t-a", "t-b"]
+    runs = server.runs("closed")
+    assert sorted(runs) == ["search", "t-a", "t-b"]
     assert {n: r["info"]["status"] for n, r in runs.items()} == {
-        "search-c": "KILLED", "t-a": "FINISHED", "t-b": "KILLED"}
+        "search": "KILLED", "t-a": "FINISHED", "t-b": "KILLED"}
     assert server.steps(runs["t-a"]) == [1, 2, 3]
     assert server.steps(runs["t-b"]) == [1]
-    artifacts = server.rest("artifacts/list", run_id=runs["search-c"]["info"]["run_id"])
-    assert [f["path"] for f in artifacts["files"]] == ["search_space.yaml"]
 
 
 # ---------------------------------------------------------------- Ray Tune
