@@ -9,7 +9,8 @@ result rather than reported as 0 or NaN.
 
 import torch
 
-POPULARITY_GROUPS = ("1-4", "5-9", "10-19", "20-49", "50+")  # by item count; index = data's popularity_group
+from model.data import POPULARITY_GROUPS  # names of the indices in SequenceData.popularity_group
+
 METRICS = ("hr", "ndcg")
 
 

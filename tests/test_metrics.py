@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from model.metrics import POPULARITY_GROUPS, RankingEvaluator, metric_name
+from model.data import POPULARITY_GROUPS
+from model.metrics import RankingEvaluator, metric_name
 
 INF = float("inf")
 
