@@ -14,28 +14,9 @@ from model.train import (SETTING_NAMES, EvalSplit, Inputs, TrainBatches, evaluat
                          load_inputs, main, settings_from_dict)
 
 
-def write_faerec_dataset(folder, n_users=60, n_items=40, seed=0):
-    """A small dataset in the paper's `uid i1 i2 ...` format with learnable structure:
-    each user walks a cycle of items with an occasional random jump."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for u in range(1, n_users + 1):
-        start, length = rng.integers(1, n_items + 1), rng.integers(5, 15)
-        seq, item = [], start
-        for _ in range(length):
-            seq.append(int(item))
-            item = item % n_items + 1 if rng.random() < 0.8 else rng.integers(1, n_items + 1)
-        lines.append(" ".join(map(str, [u, *seq])))
-    path = folder / "tiny.txt"
-    path.write_text("\n".join(lines) + "\n")
-    emb = folder / "itm_emb_np.npy"
-    np.save(emb, rng.normal(size=(n_items, 24)).astype(np.float32))
-    return path, emb
-
-
 @pytest.fixture
-def tiny_inputs(tmp_path):
-    path, emb = write_faerec_dataset(tmp_path)
+def tiny_inputs(tmp_path, tiny_dataset):
+    path, emb = tiny_dataset
     cfg = DatasetConfig(format="faerec", interactions=str(path), embeddings=str(emb),
                         cache_dir=str(tmp_path / "cache"))
     return load_inputs(cfg, EmbeddingConfig(encoder="npy", path=str(emb),
@@ -150,8 +131,8 @@ def test_nan_loss_stops_with_a_clear_error(tiny_inputs):
         fit(tiny_inputs, model_cfg, train_cfg)
 
 
-def test_cli_prints_one_json_object(tmp_path, capsys):
-    path, emb = write_faerec_dataset(tmp_path)
+def test_cli_prints_one_json_object(tmp_path, tiny_dataset, capsys):
+    path, emb = tiny_dataset
     yaml_path = tmp_path / "tiny.yaml"
     yaml_path.write_text(f"format: faerec\ninteractions: {path}\nembeddings: {emb}\n"
                          f"cache_dir: {tmp_path / 'cache'}\n")

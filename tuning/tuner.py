@@ -174,7 +174,7 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
                     if isinstance(v, (int, float)) and k.startswith(("best/", "test/"))}
         failed = False
     finally:
-        tracker.finish_search(best, artifacts=files, failed=failed)
+        tracker.finish_search(best, artifacts={p.name: p for p in files.values()}, failed=failed)
         tracker.close()
     counts = table["outcome"].value_counts().to_dict() if len(table) else {}
     return SearchOutcome(results.experiment_path, table, files, counts, parent,
