@@ -24,6 +24,7 @@ from model.data import resolve_dataset  # noqa: E402
 from model.text import EmbeddingConfig  # noqa: E402
 from model.train import parse_assignments, fit, load_inputs, settings_from_dict  # noqa: E402
 
+CURVES = ("val/overall/ndcg_20", "val/tail/hr_10", "train/loss")
 SHOWN = ("test/overall/hr_10", "test/overall/ndcg_10", "test/tail/hr_10", "test/tail/ndcg_10")
 
 
@@ -50,7 +51,9 @@ def main() -> int:
             result = fit(inputs, *settings_from_dict(settings, "compare_methods"))
             record = {"dataset": inputs.data.name, "method": method, "seed": seed,
                       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                      "seconds": result.seconds, **result.test}
+                      "seconds": result.seconds, **result.test,
+                      # validation curves, to size ASHA's grace period from real runs
+                      "curve": {k: [h.get(k) for h in result.history] for k in CURVES}}
             runs[method].append(record)
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
