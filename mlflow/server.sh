@@ -4,6 +4,7 @@
 #   bash mlflow/server.sh                          # http://127.0.0.1:5000
 #   PORT=5001 bash mlflow/server.sh
 #   BACKEND_STORE_URI=postgresql://user@db/mlflow ARTIFACTS=s3://bucket/faerec bash mlflow/server.sh
+#   bash mlflow/server.sh --allowed-hosts mlflow.lab.example   # extra `mlflow server` options
 #
 # Environment overrides:
 #   HOST               interface to bind (default 127.0.0.1)
@@ -25,7 +26,9 @@ store="${BACKEND_STORE_URI:-sqlite:///$repo/mlflow/mlflow.db}"
 artifacts="${ARTIFACTS:-$repo/mlflow/artifacts}"
 
 mlflow_bin="$repo/.venv/bin/mlflow"
-[[ -x "$mlflow_bin" ]] || mlflow_bin="$(command -v mlflow)"
+if [[ ! -x "$mlflow_bin" ]]; then
+    mlflow_bin="$(command -v mlflow)" || { echo "mlflow not found: run 'make' first" >&2; exit 1; }
+fi
 
 mkdir -p "$repo/mlflow"
 case "$artifacts" in *://*) ;; *) mkdir -p "$artifacts" ;; esac
@@ -34,8 +37,9 @@ case "$artifacts" in *://*) ;; *) mkdir -p "$artifacts" ;; esac
 # against 12 s and 1.9 GiB with the defaults).
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 
-echo "MLflow UI: http://$host:$port  (store: $store)"
+# the store URI may hold a database password: print it without the user part
+echo "MLflow UI: http://$host:$port  (store: $(sed -E 's#//[^/@]*@#//***@#' <<< "$store"))"
 exec "$mlflow_bin" server \
     --backend-store-uri "$store" \
     --serve-artifacts --artifacts-destination "$artifacts" \
-    --host "$host" --port "$port" --workers 1
+    --host "$host" --port "$port" --workers 1 "$@"

@@ -30,6 +30,10 @@ which MLflow's SQL store keeps once. One journal belongs to one experiment; do n
 
 Runs never stay RUNNING: `finish_search` ends the trials still open as KILLED, and `close`
 (also after an interrupted search) ends every open run as KILLED.
+
+Environment: unless already set, a tracker sets MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 and
+MLFLOW_HTTP_REQUEST_TIMEOUT=10 for the process, so that an outage reaches the writer's own
+retry loop within seconds instead of after MLflow's minutes of silent retries.
 """
 
 import argparse
