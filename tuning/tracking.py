@@ -247,6 +247,8 @@ class _Store:
         params it does not have yet."""
         search, trial = op["search"], op["trial"]
         if trial is None:
+            # a new run of this search name: its trials must not land in an older one's runs
+            self._runs = {key: run for key, run in self._runs.items() if key[0] != search}
             identity = {"search_name": search, "faerec.role": "search", "faerec.op": op["id"]}
             # resume reuses the latest run of that search; a new search only its own run
             found = self._find(self._run_filter(search, None) if op["resume"]
