@@ -646,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to keep retrying an unreachable store (default 300)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if not Path(args.journal).is_file():
+        parser.error(f"no journal at {args.journal}")
     ok = sync(args.journal, args.tracking_uri, args.timeout)
     print("journal synced" if ok else "some operations did not reach the store (see above)")
     return 0 if ok else 1
