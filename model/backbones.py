@@ -79,13 +79,15 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(d, d)
         self.dropout = dropout
 
+    def split_heads(self, t):
+        B, L, d = t.shape
+        return t.view(B, L, self.num_heads, d // self.num_heads).transpose(1, 2)  # (B, h, L, d/h)
+
     def forward(self, query, x, allowed):
         B, L, d = x.shape
-        heads = lambda t: t.view(B, L, self.num_heads, d // self.num_heads).transpose(1, 2)  # (B, h, L, d/h)
-        q = heads(self.q(query))
-        k, v = map(heads, self.kv(x).split(d, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        k, v = self.kv(x).split(d, dim=-1)
+        y = F.scaled_dot_product_attention(self.split_heads(self.q(query)), self.split_heads(k), self.split_heads(v),
+                                           attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, L, d))  # (B, L, d)
 
 

@@ -183,7 +183,7 @@ class SequentialRecommender(nn.Module):
 
     def __init__(self, cfg, n_items):
         super().__init__()
-        self.cfg, self.n_items = cfg, n_items
+        self.cfg = cfg
         self.id_embedding = nn.Embedding(n_items + 1, cfg.hidden_size, padding_idx=0)
         self.backbone = BACKBONES[cfg.backbone](cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout,
                                                 cfg.max_len)
@@ -234,9 +234,10 @@ class FAERec(SequentialRecommender):
         llm_embeddings = torch.as_tensor(llm_embeddings, dtype=torch.float32)
         if llm_embeddings.ndim != 2 or len(llm_embeddings) != n_items:
             raise ValueError(f"llm_embeddings must be (n_items={n_items}, d_llm), got {tuple(llm_embeddings.shape)}")
-        popularity = torch.as_tensor(train_popularity)
-        if popularity.shape != (n_items + 1,):
-            raise ValueError(f"train_popularity must be (n_items + 1 = {n_items + 1},), got {tuple(popularity.shape)}")
+        popularity = torch.as_tensor(train_popularity) if train_popularity is not None else None
+        if popularity is None or popularity.shape != (n_items + 1,):
+            raise ValueError(f"train_popularity must be (n_items + 1 = {n_items + 1},), got "
+                             f"{None if popularity is None else tuple(popularity.shape)}")
         padded = torch.cat([llm_embeddings.new_zeros(1, llm_embeddings.size(1)), llm_embeddings])  # (n + 1, d_llm)
         self.register_buffer("llm_embedding", padded, persistent=False)
         self.register_buffer("popularity", popularity, persistent=False)
@@ -266,7 +267,11 @@ class FAERec(SequentialRecommender):
         return self.item_embeddings(ids)[2][inverse]  # (B, L, d)
 
     def scoring_items(self):
-        """(1 - w) e_id + w proj(e_llm) for every item (sec. 4.3, w = score_llm_weight); one projection of the table."""
+        """(1 - w) e_id + w proj(e_llm) for every item (sec. 4.3, w = score_llm_weight); one projection of the table.
+
+        score_layernorm: LayerNorm without affine parameters (they would never be trained:
+        scoring runs only at evaluation); at w = 0.5 it equals the code's LayerNorm(e_id + proj(e_llm)).
+        """
         w = self.cfg.score_llm_weight
         items = (1 - w) * self.id_embedding.weight + w * self.projection(self.llm_embedding)  # (n + 1, d)
         return F.layer_norm(items, items.shape[-1:]) if self.cfg.score_layernorm else items

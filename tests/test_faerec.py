@@ -299,6 +299,8 @@ def test_build_model_needs_its_inputs():
         build_model(tiny_config(), N_ITEMS, llm, None, popularity)
     with pytest.raises(ValueError):
         build_model(tiny_config(), N_ITEMS, llm[:-1], pca, popularity)
+    with pytest.raises(ValueError):
+        build_model(tiny_config(), N_ITEMS, llm, pca, None)
     build_model(tiny_config(pca_init=False), N_ITEMS, llm, None, popularity)
 
 
