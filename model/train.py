@@ -330,8 +330,9 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
         model.train()
         sums: dict[str, float] = {}
         for inp, pos, neg in batches.epoch(train_cfg.batch_size):
+            # the curriculum's t counts completed epochs: the first epoch uses w1(0) = w_max
             parts = model.loss(*(torch.as_tensor(a, device=device) for a in (inp, pos, neg)),
-                               epoch=epoch)
+                               epoch=epoch - 1)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
