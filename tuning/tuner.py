@@ -161,9 +161,13 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False)
-    best, files, failed = {}, {}, True
+    best, files, failed, interrupted = {}, {}, True, False
     try:
         results = build_tuner(space, inputs, tracker, resume).fit()
+        if results.num_terminated + results.num_errors < s.num_samples:
+            # Tune catches the first Ctrl-C itself: it stops the trials, saves its state and
+            # returns normally; a search that ran fewer trials to the end was interrupted.
+            raise KeyboardInterrupt
         table = summarise(results, space)
         files = {"csv": folder / "summary.csv", "md": folder / "summary.md"}
         table.to_csv(files["csv"], index=False)
@@ -173,8 +177,13 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
             best = {k: v for k, v in (best_result.metrics or {}).items()
                     if isinstance(v, (int, float)) and k.startswith(("best/", "test/"))}
         failed = False
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        tracker.finish_search(best, artifacts={p.name: p for p in files.values()}, failed=failed)
+        if not interrupted:  # an interrupted search is resumable: close() ends its runs KILLED
+            tracker.finish_search(best, artifacts={p.name: p for p in files.values()},
+                                  failed=failed)
         tracker.close()
     counts = table["outcome"].value_counts().to_dict() if len(table) else {}
     return SearchOutcome(results.experiment_path, table, files, counts, parent,
