@@ -1,6 +1,6 @@
 """MLflow tracking of a search: one parent run per search, one nested child run per trial.
 
-    parent run  (tags search_name, faerec.role=search; params = search settings;
+    parent run  (tags search_name, faerec.role=search, outcome; params = search settings;
      │           artifacts: search space YAML, dataset statistics, summary tables;
      │           metrics: the best trial's validation and test metrics)
      ├─ child run per trial (tags trial_id, backbone, method, outcome[, failure_reason],
@@ -417,7 +417,9 @@ class SearchTracker:
         with self._lock:
             self._end_open_trials(self._search)
             self._submit_artifacts(artifacts)
-            self._submit("end", None, status="FAILED" if failed else "FINISHED", tags={},
+            # outcome replaces the 'interrupted' that close() left on a since-resumed parent
+            self._submit("end", None, status="FAILED" if failed else "FINISHED",
+                         tags={"outcome": "failed" if failed else "completed"},
                          metrics=self._points(metrics, 0))
 
     def flush(self, timeout: float | None = None) -> bool:
