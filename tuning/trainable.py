@@ -52,7 +52,8 @@ def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
     def report(record: EpochRecord, snapshot) -> None:
         metrics = {**record.metrics, "epoch": record.epoch, "best_epoch": record.best_epoch,
                    "finished": float(record.final),
-                   "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+                   "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                   "node_id": ray.get_runtime_context().get_node_id()}
         metrics.update({best_key(k): v for k, v in record.best_val.items()})
         metrics.update(record.best_test)
         if record.improved or record.final or record.epoch % checkpoint_every == 0:

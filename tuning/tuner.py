@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from model.errors import ConfigError
 from model.train import load_inputs
+from tuning.cluster import check_cluster
 from tuning.space import SearchSpace, define_by_run, make_sampler
 from tuning.trainable import best_key, train_trial
 from tuning.tracking import MLflowTuneCallback, SearchTracker
@@ -138,6 +139,9 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     # about that is noise at this scale.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     s = space.search
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+    check_cluster(space)  # before any file, MLflow run or trial: one error if not multi-node-safe
     folder = local_folder(space)
     folder.mkdir(parents=True, exist_ok=True)
     need_llm = space.fixed.get("method", "faerec") == "faerec" or any(
@@ -159,8 +163,6 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
         artifacts={"search_space.yaml": space.source, "dataset_stats.json": stats_file},
         resume=resume)
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
     best, files, failed, interrupted = {}, {}, True, False
     try:
         results = build_tuner(space, inputs, tracker, resume).fit()
