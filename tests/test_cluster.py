@@ -291,7 +291,7 @@ def test_two_nodes_fractional_gpus(tmp_path, ray_token, monkeypatch):
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
     try:
-        worker = cluster.add_node(num_cpus=2, num_gpus=1, resources={"worker": 1})
+        worker = cluster.add_node(num_cpus=2, num_gpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, configure_logging=False)
         node_ids = {cluster.head_node.node_id, worker.node_id}
@@ -323,25 +323,24 @@ def test_two_nodes_fractional_gpus(tmp_path, ray_token, monkeypatch):
     assert len(trials) == n_trials
     per_gpu: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for t in trials:
-        reports = t.last_result
+        last = t.last_result
         devices = {str(v) for v in
                    _reports(outcome.experiment_path, t.trial_id, "visible_gpus")}
         assert len(devices) == 1, (t.trial_id, devices)   # one device, the same every epoch
         (device,) = devices
         assert device.isdigit(), (t.trial_id, device)     # exactly one GPU id, not "0,1" or ""
-        assert reports["node_id"] in node_ids
+        assert last["node_id"] in node_ids
         interval = (t.run_metadata.start_time, t.run_metadata.last_result_time)
         assert interval[0] < interval[1]
-        per_gpu.setdefault((reports["node_id"], device), []).append(interval)
+        per_gpu.setdefault((last["node_id"], device), []).append(interval)
 
     assert {node for node, _ in per_gpu} == node_ids, "trials ran on one node only"
     overlaps = {gpu: max_overlap(spans) for gpu, spans in per_gpu.items()}
-    assert max(overlaps.values()) <= 2, overlaps      # never 3 trials on one half-GPU pair
+    assert max(overlaps.values()) <= 2, overlaps      # never a third trial on a GPU
     assert max(overlaps.values()) == 2, overlaps      # and two did share a GPU
 
-    runs = MlflowClient(space.search.tracking_uri).search_runs(
-        [MlflowClient(space.search.tracking_uri).get_experiment_by_name("twonodes")
-         .experiment_id])
+    client = MlflowClient(space.search.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("twonodes").experiment_id])
     assert sum(r.data.tags.get("faerec.role") != "search" for r in runs) == n_trials
 
 
