@@ -70,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     print(to_markdown(outcome.summary.head(10)))
     print(f"\nSummary: {outcome.summary_files['csv']}  {outcome.summary_files['md']}")
     print(f"Ray Tune results: {outcome.experiment_path}")
-    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {space.name!r}; open the UI with")
-    print("    make ui    (or: bash mlflow/server.sh, then http://127.0.0.1:5000)")
+    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {space.name!r} "
+          f"(id {outcome.experiment_id}) of {space.search.tracking_uri}")
+    if space.search.tracking_uri.startswith(("http://", "https://")):
+        base = space.search.tracking_uri.rstrip("/")
+    else:
+        base = "http://127.0.0.1:5000"
+        print("Open the UI with `make ui` (bash mlflow/server.sh), then:")
+    # MLflow 3 opens experiments in its GenAI view; this one lists the runs.
+    print(f"    {base}/#/experiments/{outcome.experiment_id}?workflowType=machine_learning")
     return 0
 
 

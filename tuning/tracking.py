@@ -357,6 +357,11 @@ class SearchTracker:
 
     # ---- the search
 
+    @property
+    def experiment_id(self) -> str | None:
+        """The MLflow experiment's id, known once `start_search` has returned."""
+        return self._store._experiment_id
+
     def start_search(self, search_name: str, params: dict, tags: dict,
                      artifacts: dict[str, str | Path], resume: bool = False) -> str:
         """Create (or, with resume, reopen) the search's parent run and wait for it; returns

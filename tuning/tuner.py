@@ -39,6 +39,7 @@ class SearchOutcome:
     summary_files: dict[str, Path]   # csv / md
     counts: dict[str, int]           # completed / early-stopped / failed
     parent_run_id: str
+    experiment_id: str | None        # MLflow's
     seconds: float
 
 
@@ -140,7 +141,8 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     s = space.search
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        # "local": without --address, never join a `ray start` cluster that happens to run here
+        ray.init(address=address or "local", include_dashboard=False, configure_logging=False)
     check_cluster(space)  # before any file, MLflow run or trial: one error if not multi-node-safe
     folder = local_folder(space)
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,4 +191,4 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
         tracker.close()
     counts = table["outcome"].value_counts().to_dict() if len(table) else {}
     return SearchOutcome(results.experiment_path, table, files, counts, parent,
-                         time.perf_counter() - started)
+                         tracker.experiment_id, time.perf_counter() - started)
