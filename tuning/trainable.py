@@ -10,6 +10,7 @@ Tune never optimises on (the search metric is a `best/val/...` key).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +41,9 @@ def _assigned_device() -> str:
 def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
                 cache_dir: str | None = None) -> None:
     """Function trainable: `config` holds the trial's full flat settings (tuning.space)."""
+    # Ray logs one line per checkpoint at INFO; with a checkpoint per epoch that buries
+    # the progress table.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     settings = {**trial_settings(config), "device": _assigned_device()}
     model_cfg, train_cfg = settings_from_dict(settings, f"trial {tune.get_context().get_trial_id()}")
 
