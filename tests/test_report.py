@@ -161,3 +161,13 @@ def test_missing_base_is_a_clear_error(record):
     broken = SearchRecord(**{**record.__dict__, "base": "plain"})
     with pytest.raises(ValueError, match="base configuration 'plain'"):
         answer_table(broken)
+
+
+def test_figures_without_their_data_say_so(tmp_path):
+    record = make_record()
+    record.confirmed = record.confirmed[[c for c in record.confirmed if "/pop_" not in c]]
+    record.curves = record.curves[["configuration", "seed", "epoch"]]
+    files = write_report(record, tmp_path)
+    for name in ("popularity_groups.png", "curves.png"):
+        image = matplotlib.image.imread(files[name])
+        assert image[..., :3].std() > 0.01  # the note is drawn: not a blank canvas

@@ -204,6 +204,13 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _note(fig: Figure, ax, text: str) -> Figure:
+    """A panel that says why it has nothing to draw."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return fig
+
+
 def _label(column: str) -> str:
     return column.removeprefix("best/")
 
@@ -327,9 +334,7 @@ def plot_param_importance(record: SearchRecord, path: Path, evaluator=None) -> P
     for k, (col, _) in enumerate(record.objectives):
         ax = fig.add_subplot(1, len(record.objectives), k + 1)
         if col not in importances or importances[col].isna().all():
-            ax.text(0.5, 0.5, "fewer than 2 finished trials\nor nothing varied", ha="center",
-                    va="center", transform=ax.transAxes)
-            ax.set_axis_off()
+            _note(fig, ax, "fewer than 2 finished trials\nor nothing varied")
             continue
         scores = importances[col].sort_values()
         ax.barh(scores.index, scores.to_numpy(), color="tab:blue")
@@ -359,6 +364,8 @@ def plot_popularity_groups(record: SearchRecord, path: Path) -> Path:
     summary = summary.loc[[record.base] + [c for c in summary.index if c != record.base]]
     fig = Figure(layout="constrained", figsize=(max(7.0, 1.6 * len(columns) + 2), 4.6))
     ax = fig.add_subplot()
+    if not columns:
+        return _save(_note(fig, ax, "no test/pop_<group>/hr_10 metrics in the confirmation"), path)
     width = 0.8 / len(summary)
     x = np.arange(len(columns))
     for k, (configuration, s) in enumerate(summary.iterrows()):
@@ -387,6 +394,9 @@ def plot_curves(record: SearchRecord, path: Path) -> Path:
     seeds, shaded one std."""
     columns = [c for c in (_curve_column(record, o) for o, _ in record.objectives) if c]
     fig = Figure(layout="constrained", figsize=(6.4 * max(len(columns), 1), 4.6))
+    if not columns:
+        return _save(_note(fig, fig.add_subplot(), "no per-epoch validation metric of the "
+                           "objectives in the curves"), path)
     order = [record.base] + [c for c in dict.fromkeys(record.curves["configuration"]) if c != record.base]
     for k, column in enumerate(columns):
         ax = fig.add_subplot(1, len(columns), k + 1)
