@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuning.report import (FIGURES, SearchRecord, answer_table, change, front,
-                           front_hypervolume, param_importances, verdicts, write_report)
+from tuning.report import (FIGURES, SearchRecord, answer_table, change, curves_figure, front,
+                           front_hypervolume, param_importances, pareto_front_figure,
+                           popularity_groups_figure, verdicts, write_report)
 from tuning.stats import paired_tests
 
 OVERALL, TAIL = "best/val/overall/ndcg_20", "best/val/tail/ndcg_20"
@@ -163,11 +164,21 @@ def test_missing_base_is_a_clear_error(record):
         answer_table(broken)
 
 
-def test_figures_without_their_data_say_so(tmp_path):
+def test_figures_without_their_data_say_so():
     record = make_record()
     record.confirmed = record.confirmed[[c for c in record.confirmed if "/pop_" not in c]]
     record.curves = record.curves[["configuration", "seed", "epoch"]]
-    files = write_report(record, tmp_path)
-    for name in ("popularity_groups.png", "curves.png"):
-        image = matplotlib.image.imread(files[name])
-        assert image[..., :3].std() > 0.01  # the note is drawn: not a blank canvas
+    for fig, note in ((popularity_groups_figure(record), "no test/pop_<group>/hr_10"),
+                      (curves_figure(record), "no per-epoch validation metric")):
+        assert note in fig.axes[0].texts[0].get_text()
+
+
+def test_pareto_figure_shows_every_trial_the_front_and_the_references(record):
+    ax = pareto_front_figure(record).axes[0]
+    sizes = [len(c.get_offsets()) for c in ax.collections]
+    assert sizes == [22, 2, 1, 1]  # dominated trials, the front, base, paper default
+    front_points = {tuple(p) for p in ax.collections[1].get_offsets().tolist()}
+    assert front_points == {(0.151, 0.045), (0.158, 0.030)}
+    assert {t.get_text() for t in ax.texts} == {"lifter", "flat"}  # confirmed trials labelled
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "trials (24)", "Pareto front (2)", "reference: base", "reference: paper-default"]

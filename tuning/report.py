@@ -199,11 +199,6 @@ def front_hypervolume(record: SearchRecord) -> float:
 
 # -- figures ------------------------------------------------------------------------------------
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
-
-
 def _note(fig: Figure, ax, text: str) -> Figure:
     """A panel that says why it has nothing to draw."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
@@ -222,7 +217,7 @@ def _references(record: SearchRecord) -> pd.DataFrame:
 REFERENCE_MARKERS = ("*", "D", "P", "X")
 
 
-def plot_pareto_front(record: SearchRecord, path: Path) -> Path:
+def pareto_front_figure(record: SearchRecord) -> Figure:
     """Every pair of objectives: all trials, the front highlighted, references marked,
     confirmed configurations labelled."""
     cols = [c for c, _ in record.objectives]
@@ -256,10 +251,10 @@ def plot_pareto_front(record: SearchRecord, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"{record.name}: validation objectives of every trial")
-    return _save(fig, path)
+    return fig
 
 
-def plot_history(record: SearchRecord, path: Path) -> Path:
+def history_figure(record: SearchRecord) -> Figure:
     """Each objective in trial order, with the best so far and the references."""
     t = record.trials[record.trials["stage"] == "search"].reset_index(drop=True)
     fig = Figure(layout="constrained", figsize=(6.4 * len(record.objectives), 4.4))
@@ -278,7 +273,7 @@ def plot_history(record: SearchRecord, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{record.name}: objectives over trials")
-    return _save(fig, path)
+    return fig
 
 
 def _distribution(values: pd.Series) -> optuna.distributions.BaseDistribution:
@@ -328,7 +323,7 @@ def param_importances(record: SearchRecord, evaluator=None) -> pd.DataFrame:
     return out
 
 
-def plot_param_importance(record: SearchRecord, path: Path, evaluator=None) -> Path:
+def param_importance_figure(record: SearchRecord, evaluator=None) -> Figure:
     importances = param_importances(record, evaluator)
     fig = Figure(layout="constrained", figsize=(5.2 * len(record.objectives), 0.5 * max(len(importances), 3) + 1.6))
     for k, (col, _) in enumerate(record.objectives):
@@ -346,7 +341,7 @@ def plot_param_importance(record: SearchRecord, path: Path, evaluator=None) -> P
     name = type(importance_evaluator(evaluator)).__name__
     fig.suptitle(f"{record.name}: parameter importance per objective (Optuna {name}, "
                  f"{len(_searched(record))} trials)")
-    return _save(fig, path)
+    return fig
 
 
 def _popularity_columns(table: pd.DataFrame) -> list[str]:
@@ -356,7 +351,7 @@ def _popularity_columns(table: pd.DataFrame) -> list[str]:
     return sorted(found, key=first)
 
 
-def plot_popularity_groups(record: SearchRecord, path: Path) -> Path:
+def popularity_groups_figure(record: SearchRecord) -> Figure:
     """HR@10 per target-popularity group, the base against every confirmed configuration
     (as the paper's Fig. 3): bars are means over seeds, whiskers one std."""
     columns = _popularity_columns(record.confirmed)
@@ -365,7 +360,7 @@ def plot_popularity_groups(record: SearchRecord, path: Path) -> Path:
     fig = Figure(layout="constrained", figsize=(max(7.0, 1.6 * len(columns) + 2), 4.6))
     ax = fig.add_subplot()
     if not columns:
-        return _save(_note(fig, ax, "no test/pop_<group>/hr_10 metrics in the confirmation"), path)
+        return _note(fig, ax, "no test/pop_<group>/hr_10 metrics in the confirmation")
     width = 0.8 / len(summary)
     x = np.arange(len(columns))
     for k, (configuration, s) in enumerate(summary.iterrows()):
@@ -378,7 +373,7 @@ def plot_popularity_groups(record: SearchRecord, path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{record.name}: HR@10 by item popularity, mean ± std over seeds")
-    return _save(fig, path)
+    return fig
 
 
 def _curve_column(record: SearchRecord, objective: str) -> str | None:
@@ -389,14 +384,14 @@ def _curve_column(record: SearchRecord, objective: str) -> str | None:
     return None
 
 
-def plot_curves(record: SearchRecord, path: Path) -> Path:
+def curves_figure(record: SearchRecord) -> Figure:
     """Validation curves of the confirmed configurations and the references: mean over
     seeds, shaded one std."""
     columns = [c for c in (_curve_column(record, o) for o, _ in record.objectives) if c]
     fig = Figure(layout="constrained", figsize=(6.4 * max(len(columns), 1), 4.6))
     if not columns:
-        return _save(_note(fig, fig.add_subplot(), "no per-epoch validation metric of the "
-                           "objectives in the curves"), path)
+        return _note(fig, fig.add_subplot(), "no per-epoch validation metric of the "
+                     "objectives in the curves")
     order = [record.base] + [c for c in dict.fromkeys(record.curves["configuration"]) if c != record.base]
     for k, column in enumerate(columns):
         ax = fig.add_subplot(1, len(columns), k + 1)
@@ -414,7 +409,7 @@ def plot_curves(record: SearchRecord, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{record.name}: validation curves (confirmation runs, mean ± std over seeds)")
-    return _save(fig, path)
+    return fig
 
 
 # -- report.md -------------------------------------------------------------------------------
@@ -491,13 +486,14 @@ def write_report(record: SearchRecord, folder: str | Path, evaluator=None) -> di
     """report.md and the five figures in `folder`; returns name -> path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {
-        "pareto_front.png": plot_pareto_front(record, folder / "pareto_front.png"),
-        "history.png": plot_history(record, folder / "history.png"),
-        "param_importance.png": plot_param_importance(record, folder / "param_importance.png", evaluator),
-        "popularity_groups.png": plot_popularity_groups(record, folder / "popularity_groups.png"),
-        "curves.png": plot_curves(record, folder / "curves.png"),
-    }
+    figures = {"pareto_front.png": pareto_front_figure(record), "history.png": history_figure(record),
+               "param_importance.png": param_importance_figure(record, evaluator),
+               "popularity_groups.png": popularity_groups_figure(record),
+               "curves.png": curves_figure(record)}
+    files = {}
+    for name, fig in figures.items():
+        files[name] = folder / name
+        fig.savefig(files[name], dpi=120)
     report = folder / "report.md"
     report.write_text(report_markdown(record))
     return {"report.md": report, **files}
