@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from tuning.pareto import (crowding_distance, hypervolume, losses, non_dominated_fronts,
-                           pareto_mask, promotion_order)
+from tuning.pareto import (confirmation_candidates, crowding_distance, hypervolume, losses,
+                           non_dominated_fronts, pareto_mask, promotion_order)
 
 
 def brute_fronts(points):
@@ -140,3 +140,14 @@ def test_hypervolume_matches_grid_brute_force(m):
 def test_hypervolume_rejects_mismatched_reference():
     with pytest.raises(ValueError, match="reference point of 3"):
         hypervolume([[1, 2]], [1, 2, 3])
+
+
+def test_confirmation_candidates():
+    # one objective: the best `top`, ties in input order
+    assert confirmation_candidates([[3.0], [1.0], [2.0], [1.0]], 3).tolist() == [1, 3, 2]
+    # two objectives: the front only, even when it is smaller than `top`...
+    assert confirmation_candidates([[1, 4], [2, 2], [3, 3]], 3).tolist() == [0, 1]
+    # ...and capped by crowding: extremes (0 and 3) first, then the less crowded (1: gaps
+    # 3.5/4 + 3.4/4 around it) before the more crowded (2: gaps 2/4 + 2/4)
+    pts = [[0, 4], [2, 2], [3.5, 0.6], [4, 0], [5, 5]]
+    assert confirmation_candidates(pts, 3).tolist() == [0, 3, 1]

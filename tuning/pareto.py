@@ -140,3 +140,15 @@ def _hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
             head = points[: i + 1, :-1]
             volume += depth * _hypervolume(head[pareto_mask(head)], reference[:-1])
     return float(volume)
+
+
+def confirmation_candidates(loss, top: int) -> np.ndarray:
+    """Indices of the points worth confirming: with one objective the `top` best; with
+    several the Pareto front, capped at `top` by crowding distance (the extremes first, so
+    the trade-off's ends are kept). Ties keep the input order."""
+    loss = np.asarray(loss, dtype=float)
+    if loss.shape[1] == 1:
+        return np.argsort(loss[:, 0], kind="stable")[:top]
+    order = promotion_order(loss)
+    members = np.flatnonzero(non_dominated_fronts(loss) == 0)
+    return members[np.argsort(order[members], kind="stable")][:top]
