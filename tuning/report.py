@@ -144,11 +144,11 @@ def verdicts(record: SearchRecord) -> list[str]:
         overall = [("overall", "hr_10"), ("overall", "ndcg_10")]
         tail_real = all(significant[k] and higher[k] for k in tail)
         overall_lost = any(significant[k] and not higher[k] for k in overall)
-        mean = lambda c: summary.loc[configuration, f"{c} mean"]
-        base = lambda c: summary.loc[record.base, f"{c} mean"]
-        numbers = (f"tail HR@10 {change(mean('test/tail/hr_10'), base('test/tail/hr_10'), 'ratio')} "
-                   f"the base's ({_p(tests[tail[0]]['p_holm'])}), overall HR@10 "
-                   f"{change(mean('test/overall/hr_10'), base('test/overall/hr_10'), 'percent')} "
+        mine, base = summary.loc[configuration], summary.loc[record.base]
+        tail_hr, overall_hr = "test/tail/hr_10 mean", "test/overall/hr_10 mean"
+        numbers = (f"tail HR@10 {change(mine[tail_hr], base[tail_hr], 'ratio')} the base's "
+                   f"({_p(tests[tail[0]]['p_holm'])}), overall HR@10 "
+                   f"{change(mine[overall_hr], base[overall_hr], 'percent')} "
                    f"({_p(tests[overall[0]]['p_holm'])})")
         if tail_real and not overall_lost:
             answer = "lifts tail items without losing overall accuracy, beyond seed and user noise"
@@ -227,11 +227,11 @@ def pareto_front_figure(record: SearchRecord) -> Figure:
     confirmed = set(record.confirmed["configuration"]) if record.confirmed is not None else set()
     for k, (i, j) in enumerate(pairs):
         ax = fig.add_subplot(1, len(pairs), k + 1)
-        if j is None:  # one objective: trials ranked
-            x = lambda d: np.arange(len(d))
+        if j is None:  # one objective: the trials ranked, the best highlighted
             order = t.sort_values(cols[0], ascending=record.objectives[0][1] == "min")
-            ax.bar(x(order), order[cols[0]], color=["tab:orange" if tr in set(on_front["trial"])
-                                                    else "lightgray" for tr in order["trial"]])
+            best = order["trial"].isin(on_front["trial"])
+            ax.bar(np.arange(len(order)), order[cols[0]],
+                   color=np.where(best, "tab:orange", "lightgray"))
             ax.set_xlabel("trials, best first")
             ax.set_ylabel(_label(cols[0]))
             continue
