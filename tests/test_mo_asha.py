@@ -1,5 +1,6 @@
 """MO-ASHA: the rung rule on its own, and inside a real local Ray Tune run."""
 
+import os
 import pickle
 import sys
 from types import SimpleNamespace
@@ -130,27 +131,39 @@ def test_a_new_search_starts_from_empty_rungs(tmp_path):
 
 
 def scripted_trial(config):
+    """Reports its script; with `crash_once` = (name, marker file), that trial's first
+    attempt dies before epoch 2."""
+    who, marker = config.get("crash_once", (None, None))
     for epoch, (overall, tail) in enumerate(SCRIPTS[config["name"]], start=1):
+        if config["name"] == who and epoch == 2 and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("the driver's machine went away")
         tune.report(result(epoch, overall, tail))
 
 
-@pytest.mark.slow
-def test_real_tune_run_stops_the_dominated_and_keeps_the_tail_specialist(tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
     # Ray's workers cannot import this test module: ship the scripted trainable by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
-    try:
-        state = tmp_path / "mo_asha.json"
-        scheduler = MultiObjectiveASHA(OBJECTIVES, time_attr="epoch", max_t=4, grace_period=1,
-                                       reduction_factor=2, state_path=state)
-        tuner = tune.Tuner(
-            scripted_trial,
-            param_space={"name": tune.grid_search(list(SCRIPTS))},
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
-            run_config=tune.RunConfig(name="mo", storage_path=str(tmp_path / "results")))
-        results = tuner.fit()
-    finally:
-        ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def scripted_tuner(tmp_path, names, crash_once=None):
+    scheduler = MultiObjectiveASHA(OBJECTIVES, time_attr="epoch", max_t=4, grace_period=1,
+                                   reduction_factor=2, state_path=tmp_path / "mo_asha.json")
+    space = {"name": tune.grid_search(names)}
+    if crash_once:
+        space["crash_once"] = crash_once
+    return tune.Tuner(scripted_trial, param_space=space,
+                      tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
+                      run_config=tune.RunConfig(name="mo", storage_path=str(tmp_path / "results")))
+
+
+@pytest.mark.slow
+def test_real_tune_run_stops_the_dominated_and_keeps_the_tail_specialist(tmp_path, local_ray):
+    results = scripted_tuner(tmp_path, list(SCRIPTS)).fit()
     assert not results.errors
     epochs = {r.config["name"]: r.metrics["epoch"] for r in results}
     assert epochs == {"steady": 4, "dominated": 1, "tail_specialist": 4, "fades": 2}
@@ -163,3 +176,19 @@ def test_real_tune_run_stops_the_dominated_and_keeps_the_tail_specialist(tmp_pat
         1: {"steady", "dominated", "tail_specialist", "fades"}, 2: {"steady", "tail_specialist", "fades"}}
     assert restored.on_trial_result(None, SimpleNamespace(trial_id="late"),
                                     result(1, 0.3, 0.3)) == STOP
+
+
+@pytest.mark.slow
+def test_a_restored_search_takes_the_same_decisions(tmp_path, local_ray):
+    """"fades" dies after its epoch 1 (recorded at rung 1); Tuner.restore reruns it from
+    scratch. With the rungs restored it is judged at epoch 2 against "steady" and
+    "tail_specialist" and stopped, as in the uninterrupted run; a scheduler that forgot
+    them would find rung 2 empty and let it run to the budget."""
+    names = ["steady", "tail_specialist", "fades"]
+    first = scripted_tuner(tmp_path, names, crash_once=("fades", str(tmp_path / "crashed"))).fit()
+    assert [r.config["name"] for r in first if r.error] == ["fades"]
+    path = str(tmp_path / "results" / "mo")
+    resumed = tune.Tuner.restore(path, trainable=scripted_trial, resume_errored=True).fit()
+    assert not resumed.errors
+    assert {r.config["name"]: r.metrics["epoch"] for r in resumed} == {
+        "steady": 4, "tail_specialist": 4, "fades": 2}
