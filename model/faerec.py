@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbones import BACKBONES
+from model.backbones import BACKBONES, Dropout
 from model.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ class ProjectionMLP(nn.Sequential):
     """f_p of eq. (2): d_llm -> proj_hidden -> d, trainable; the LLM table itself stays frozen."""
 
     def __init__(self, d_llm, hidden, d, dropout):
-        super().__init__(nn.Linear(d_llm, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d))
+        super().__init__(nn.Linear(d_llm, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d))
 
 
 class GatingFusion(nn.Module):
@@ -35,7 +35,7 @@ class GatingFusion(nn.Module):
     def __init__(self, d, gate="paper"):
         super().__init__()
         self.W1 = nn.Linear(2 * d, 2 * d)
-        self.between = nn.Sequential(nn.GELU(), nn.Dropout(0.1)) if gate == "code" else nn.Identity()
+        self.between = nn.Sequential(nn.GELU(), Dropout(0.1)) if gate == "code" else nn.Identity()
         self.W2 = nn.Linear(2 * d, d)
 
     def gate(self, e_id, e_llm):
