@@ -197,6 +197,11 @@ class SequentialRecommender(nn.Module):
         """Item matrix for full ranking, (n_items + 1, d); row 0 is padding."""
         return self.id_embedding.weight
 
+    def item_tables(self):
+        """(input table, scoring matrix), each (n_items + 1, d): what evaluation looks items up
+        in, built once per evaluation instead of once per batch of users."""
+        return self.id_embedding.weight, self.scoring_items()
+
     def rec_loss(self, input_ids, pos_ids, seq_emb, pos_emb, neg_emb):
         """BCE of eq. (13) at every position with a target: seq_emb, pos_emb, neg_emb (B, L, d)."""
         h = self.backbone(seq_emb, input_ids != 0)  # (B, L, d)
@@ -209,10 +214,13 @@ class SequentialRecommender(nn.Module):
         rec = self.rec_loss(input_ids, pos_ids, e(input_ids), e(pos_ids), e(neg_ids))
         return {"loss": rec, "rec": rec}
 
-    def score_all(self, input_ids, items=None):
-        """Scores (B, n_items + 1) of every item after each sequence; column 0 (padding) is -inf."""
+    def score_all(self, input_ids, items=None, table=None):
+        """Scores (B, n_items + 1) of every item after each sequence; column 0 (padding) is -inf.
+
+        items, table: `item_tables()`'s scoring matrix and input table, when the caller has them."""
         items = self.scoring_items() if items is None else items
-        h = self.backbone(self.sequence_embeddings(input_ids), input_ids != 0)[:, -1]  # (B, d), most recent position
+        seq = self.sequence_embeddings(input_ids) if table is None else table[input_ids]  # (B, L, d)
+        h = self.backbone(seq, input_ids != 0)[:, -1]  # (B, d), most recent position
         scores = h @ items.T  # (B, n_items + 1)
         scores[:, 0] = -torch.inf
         return scores
@@ -267,14 +275,19 @@ class FAERec(SequentialRecommender):
         return self.item_embeddings(ids)[2][inverse]  # (B, L, d)
 
     def scoring_items(self):
-        """(1 - w) e_id + w proj(e_llm) for every item (sec. 4.3, w = score_llm_weight); one projection of the table.
+        return self.item_tables()[1]
+
+    def item_tables(self):
+        """The fused input table f (eqs. 3-4) and the scoring matrix (1 - w) e_id + w proj(e_llm)
+        (sec. 4.3, w = score_llm_weight) of every item, from one projection of the LLM table.
 
         score_layernorm: LayerNorm without affine parameters (they would never be trained:
         scoring runs only at evaluation); at w = 0.5 it equals the code's LayerNorm(e_id + proj(e_llm)).
         """
+        e_id, e_llm, f = self.item_embeddings(torch.arange(len(self.llm_embedding), device=self.llm_embedding.device))
         w = self.cfg.score_llm_weight
-        items = (1 - w) * self.id_embedding.weight + w * self.projection(self.llm_embedding)  # (n + 1, d)
-        return F.layer_norm(items, items.shape[-1:]) if self.cfg.score_layernorm else items
+        items = (1 - w) * e_id + w * e_llm  # (n + 1, d)
+        return f, F.layer_norm(items, items.shape[-1:]) if self.cfg.score_layernorm else items
 
     def loss(self, input_ids, pos_ids, neg_ids, epoch):
         cfg = self.cfg

@@ -219,12 +219,12 @@ def evaluate(model, split: EvalSplit, data: SequenceData, name: str, batch_size:
                                  torch.tensor(data.popularity_group, device=device))
     row_starts = np.searchsorted(split.seen_rows, np.arange(len(split.targets) + 1))
     with torch.no_grad():
-        items = model.scoring_items()  # the item matrix, built once for all batches
+        table, items = model.item_tables()  # every item's input embedding and scoring row, once
         for start in range(0, len(split.targets), batch_size):
             stop = min(start + batch_size, len(split.targets))
             inputs = torch.as_tensor(split.inputs[start:stop], device=device)
             targets = torch.as_tensor(split.targets[start:stop], device=device)
-            scores = model.score_all(inputs, items=items)             # (B, n + 1)
+            scores = model.score_all(inputs, items=items, table=table)  # (B, n + 1)
             lo, hi = row_starts[start], row_starts[stop]
             rows = torch.as_tensor(split.seen_rows[lo:hi] - start, device=device)
             cols = torch.as_tensor(split.seen_items[lo:hi], device=device)

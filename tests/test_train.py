@@ -61,10 +61,10 @@ class FixedScores(torch.nn.Module):
         super().__init__()
         self.scores, self.next_row = scores, 0
 
-    def scoring_items(self):
-        return None
+    def item_tables(self):
+        return None, None
 
-    def score_all(self, input_ids, items=None):  # users arrive in order, batch by batch
+    def score_all(self, input_ids, items=None, table=None):  # users arrive in order, batch by batch
         rows = slice(self.next_row, self.next_row + len(input_ids))
         self.next_row += len(input_ids)
         return self.scores[rows].clone()
