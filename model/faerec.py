@@ -204,10 +204,11 @@ class SequentialRecommender(nn.Module):
 
     def rec_loss(self, input_ids, pos_ids, seq_emb, pos_emb, neg_emb):
         """BCE of eq. (13) at every position with a target: seq_emb, pos_emb, neg_emb (B, L, d)."""
-        h = self.backbone(seq_emb, input_ids != 0)  # (B, L, d)
-        pos_logits, neg_logits = (h * pos_emb).sum(-1), (h * neg_emb).sum(-1)  # (B, L)
+        h = self.backbone(seq_emb, input_ids != 0).float()  # (B, L, d), float32 even under bf16 autocast
+        pos_logits, neg_logits = (h * pos_emb.float()).sum(-1), (h * neg_emb.float()).sum(-1)  # (B, L)
         loss = F.softplus(-pos_logits) + F.softplus(neg_logits)  # -log σ(h·e+) - log(1 - σ(h·e-))
-        return loss[pos_ids != 0].mean()
+        real = pos_ids != 0
+        return (loss * real).sum() / real.sum()  # mean over real positions, without a host sync
 
     def loss(self, input_ids, pos_ids, neg_ids, epoch):
         e = self.id_embedding
@@ -303,9 +304,12 @@ class FAERec(SequentialRecommender):
         item_ids = ids[rows]  # (K_align,)
         copies = item_ids if cfg.align_items == "occurrence" else None  # unique rows have no copies to mask
         zero = rec.new_zeros(())
-        ila = item_alignment_loss(e_id[rows], e_llm[rows], cfg.tau, copies) if cfg.ila else zero
-        fla = (feature_alignment_loss(e_id[rows], e_llm[rows], cfg.lambda_, self.popularity[item_ids], cfg.pop_groups)
-               if cfg.fla else zero)
+        # float32 even under bf16 autocast: bf16 steps of cos / τ are 0.125 wide at τ = 0.05
+        with torch.autocast(ids.device.type, enabled=False):
+            e_id_a, e_llm_a = e_id[rows].float(), e_llm[rows].float()
+            ila = item_alignment_loss(e_id_a, e_llm_a, cfg.tau, copies) if cfg.ila else zero
+            fla = (feature_alignment_loss(e_id_a, e_llm_a, cfg.lambda_, self.popularity[item_ids], cfg.pop_groups)
+                   if cfg.fla else zero)
         w1 = self.curriculum(epoch)
         align = w1 * ila + (1 - w1) * fla  # eq. (12); a disabled term is 0, the other keeps its weight
         return {"loss": rec + cfg.alpha * align, "rec": rec, "ila": ila, "fla": fla, "align": align,  # eq. (14)
