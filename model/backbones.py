@@ -2,6 +2,7 @@
 
 One interface: `Backbone(hidden_size, num_layers, num_heads, dropout, max_len)` and
 `forward(x (B, L, d), mask (B, L) bool, True = real item) -> (B, L, d)`, with L <= max_len,
+or only the last position's (B, d) with `last_only=True` (what ranking needs),
 sequences left-padded (most recent item in the last column) and padded positions of the
 output set to zero. The caller passes raw item embeddings; each backbone applies its own
 input LayerNorm + dropout (as FMLP-Rec, LRURec and the FMLP-Rec codebase's SASRec that
@@ -140,8 +141,9 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(d, d)
         self.dropout = Dropout(dropout)
 
-    def forward(self, query, x, windows):
-        """query, x (N, d) packed, in the windows' order -> (N, d)."""
+    def forward(self, query, x, windows, last_only=False):
+        """query, x (N, d) packed, in the windows' order -> (N, d), or with last_only each
+        window row's last position only (rows, d)."""
         N, d = x.shape
         qkv = torch.cat([self.q(query), self.kv(x)], dim=-1)  # (N, 3d)
         out = []
@@ -149,11 +151,15 @@ class CausalSelfAttention(nn.Module):
             rows, _, width, _ = w.blocked.shape
             grid = qkv.new_zeros(rows * width, 3 * d).index_copy_(0, w.cells, qkv[w.start:w.stop])  # zeros at padding
             q, k, v = grid.view(rows, width, 3 * self.num_heads, -1).transpose(1, 2).chunk(3, dim=1)  # (rows, h, width, d/h)
+            blocked = w.blocked
+            if last_only:  # rows are right-aligned: every row's last position is the last column
+                q, blocked = q[:, :, -1:], blocked[:, :, -1:]
             # Written out rather than F.scaled_dot_product_attention: with dropout SDPA takes its
             # math path on CPU anyway, and drawing the mask here is cheaper (Dropout above).
-            scores = (q @ k.transpose(-2, -1)) * (d // self.num_heads) ** -0.5  # (rows, h, width, width)
-            y = self.dropout(scores.masked_fill(w.blocked, -torch.inf).softmax(-1)) @ v  # (rows, h, width, d/h)
-            out.append(y.transpose(1, 2).reshape(rows * width, d).index_select(0, w.cells))
+            scores = (q @ k.transpose(-2, -1)) * (d // self.num_heads) ** -0.5  # (rows, h, width | 1, width)
+            y = self.dropout(scores.masked_fill(blocked, -torch.inf).softmax(-1)) @ v  # (rows, h, width | 1, d/h)
+            y = y.transpose(1, 2).reshape(-1, d)
+            out.append(y if last_only else y.index_select(0, w.cells))
         return self.out(torch.cat(out) if out else qkv[:, :d])  # (N, d)
 
 
@@ -165,9 +171,13 @@ class SASRecBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(d)
         self.ffn = FeedForward(d, dropout)
 
-    def forward(self, x, windows):
+    def forward(self, x, windows, ends=None):
+        """ends: packed index of each row's last position, to compute only those (last layer, ranking)."""
         q = self.attn_norm(x)
-        x = q + self.attn(q, x, windows)  # residual from the normalised query, as SASRec.pytorch
+        if ends is None:
+            x = q + self.attn(q, x, windows)  # residual from the normalised query, as SASRec.pytorch
+        else:
+            x = q[ends] + self.attn(q, x, windows, last_only=True)[:len(ends)]  # empty rows come last
         x = self.ffn_norm(x)
         return x + self.ffn(x)
 
@@ -190,7 +200,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(SASRecBlock(hidden_size, num_heads, dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(hidden_size)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, last_only=False):
         B, L, d = x.shape
         if L > self.input.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len {self.input.max_len}")
@@ -199,9 +209,13 @@ class SASRec(nn.Module):
         real = (order[:, None] * L + torch.arange(L, device=x.device))[mask[order]]  # (N,) flat indices, rows in that order
         windows = attention_windows(lengths[order], self.rows_per_window)
         h = self.input.embed(x.reshape(B * L, d).index_select(0, real), L - 1 - real % L)  # (N, d)
-        for block in self.blocks:
-            h = block(h, windows)
+        sorted_lengths = lengths[order]
+        ends = sorted_lengths.cumsum(0)[sorted_lengths > 0] - 1 if last_only else None  # each non-empty row's last
+        for i, block in enumerate(self.blocks):
+            h = block(h, windows, ends if i == len(self.blocks) - 1 else None)
         h = self.norm(h)
+        if last_only:  # the last layer ran only at each non-empty row's last position
+            return h.new_zeros(B, d).index_copy_(0, order[:len(h)], h)  # (B, d)
         return h.new_zeros(B * L, d).index_copy_(0, real, h).view(B, L, d)  # zeros at padding
 
 
@@ -246,14 +260,14 @@ class FMLPRec(nn.Module):
         self.input = SequenceInput(hidden_size, max_len, dropout, positions=True)
         self.blocks = nn.ModuleList(FMLPBlock(hidden_size, max_len, dropout) for _ in range(num_layers))
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, last_only=False):
         x = self.input(x, mask)
         pad = self.max_len - x.size(1)  # the filter W is defined on the max_len window
         x = F.pad(x, (0, 0, pad, 0))  # (B, max_len, d)
         keep = F.pad(mask, (pad, 0), value=False).unsqueeze(-1)  # (B, max_len, 1)
         for block in self.blocks:
             x = block(x) * keep
-        return x[:, pad:]
+        return x[:, -1] if last_only else x[:, pad:]
 
 
 # --------------------------------------------------------------------------- LRURec
@@ -344,12 +358,12 @@ class LRURec(nn.Module):
         self.input = SequenceInput(hidden_size, max_len, dropout, positions=False)
         self.blocks = nn.ModuleList(LRUBlock(hidden_size, dropout) for _ in range(num_layers))
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, last_only=False):
         keep = mask.unsqueeze(-1)
         x = self.input(x, mask)
         for block in self.blocks:
             x = block(x) * keep
-        return x
+        return x[:, -1] if last_only else x
 
 
 BACKBONES = {"sasrec": SASRec, "fmlprec": FMLPRec, "lrurec": LRURec}

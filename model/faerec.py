@@ -221,7 +221,7 @@ class SequentialRecommender(nn.Module):
         items, table: `item_tables()`'s scoring matrix and input table, when the caller has them."""
         items = self.scoring_items() if items is None else items
         seq = self.sequence_embeddings(input_ids) if table is None else table[input_ids]  # (B, L, d)
-        h = self.backbone(seq, input_ids != 0)[:, -1]  # (B, d), most recent position
+        h = self.backbone(seq, input_ids != 0, last_only=True)  # (B, d), most recent position
         scores = h @ items.T  # (B, n_items + 1)
         scores[:, 0] = -torch.inf
         return scores
