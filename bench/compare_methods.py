@@ -35,6 +35,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=["base", "faerec"], choices=["base", "faerec"])
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, help="JSON lines of every run (default: results/compare-*.jsonl)")
     args = p.parse_args()
@@ -42,7 +43,7 @@ def main() -> int:
     inputs = load_inputs(resolve_dataset(args.dataset), EmbeddingConfig())
     out = args.out or ROOT / "results" / f"compare-{inputs.data.name}-{args.backbone}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {"base": [], "faerec": []}
+    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
     for seed in args.seeds:
         for method in runs:
             settings = {"method": method, "backbone": args.backbone, "seed": seed,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbones import BACKBONES
+from model.backbones import BACKBONES, Dropout
 from model.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ class ProjectionMLP(nn.Sequential):
     """f_p of eq. (2): d_llm -> proj_hidden -> d, trainable; the LLM table itself stays frozen."""
 
     def __init__(self, d_llm, hidden, d, dropout):
-        super().__init__(nn.Linear(d_llm, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d))
+        super().__init__(nn.Linear(d_llm, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d))
 
 
 class GatingFusion(nn.Module):
@@ -35,7 +35,7 @@ class GatingFusion(nn.Module):
     def __init__(self, d, gate="paper"):
         super().__init__()
         self.W1 = nn.Linear(2 * d, 2 * d)
-        self.between = nn.Sequential(nn.GELU(), nn.Dropout(0.1)) if gate == "code" else nn.Identity()
+        self.between = nn.Sequential(nn.GELU(), Dropout(0.1)) if gate == "code" else nn.Identity()
         self.W2 = nn.Linear(2 * d, d)
 
     def gate(self, e_id, e_llm):
@@ -197,22 +197,31 @@ class SequentialRecommender(nn.Module):
         """Item matrix for full ranking, (n_items + 1, d); row 0 is padding."""
         return self.id_embedding.weight
 
+    def item_tables(self):
+        """(input table, scoring matrix), each (n_items + 1, d): what evaluation looks items up
+        in, built once per evaluation instead of once per batch of users."""
+        return self.id_embedding.weight, self.scoring_items()
+
     def rec_loss(self, input_ids, pos_ids, seq_emb, pos_emb, neg_emb):
         """BCE of eq. (13) at every position with a target: seq_emb, pos_emb, neg_emb (B, L, d)."""
-        h = self.backbone(seq_emb, input_ids != 0)  # (B, L, d)
-        pos_logits, neg_logits = (h * pos_emb).sum(-1), (h * neg_emb).sum(-1)  # (B, L)
+        h = self.backbone(seq_emb, input_ids != 0).float()  # (B, L, d), float32 even under bf16 autocast
+        pos_logits, neg_logits = (h * pos_emb.float()).sum(-1), (h * neg_emb.float()).sum(-1)  # (B, L)
         loss = F.softplus(-pos_logits) + F.softplus(neg_logits)  # -log σ(h·e+) - log(1 - σ(h·e-))
-        return loss[pos_ids != 0].mean()
+        real = pos_ids != 0
+        return (loss * real).sum() / real.sum()  # mean over real positions, without a host sync
 
     def loss(self, input_ids, pos_ids, neg_ids, epoch):
         e = self.id_embedding
         rec = self.rec_loss(input_ids, pos_ids, e(input_ids), e(pos_ids), e(neg_ids))
         return {"loss": rec, "rec": rec}
 
-    def score_all(self, input_ids, items=None):
-        """Scores (B, n_items + 1) of every item after each sequence; column 0 (padding) is -inf."""
+    def score_all(self, input_ids, items=None, table=None):
+        """Scores (B, n_items + 1) of every item after each sequence; column 0 (padding) is -inf.
+
+        items, table: `item_tables()`'s scoring matrix and input table, when the caller has them."""
         items = self.scoring_items() if items is None else items
-        h = self.backbone(self.sequence_embeddings(input_ids), input_ids != 0)[:, -1]  # (B, d), most recent position
+        seq = self.sequence_embeddings(input_ids) if table is None else table[input_ids]  # (B, L, d)
+        h = self.backbone(seq, input_ids != 0, last_only=True)  # (B, d), most recent position
         scores = h @ items.T  # (B, n_items + 1)
         scores[:, 0] = -torch.inf
         return scores
@@ -267,14 +276,19 @@ class FAERec(SequentialRecommender):
         return self.item_embeddings(ids)[2][inverse]  # (B, L, d)
 
     def scoring_items(self):
-        """(1 - w) e_id + w proj(e_llm) for every item (sec. 4.3, w = score_llm_weight); one projection of the table.
+        return self.item_tables()[1]
+
+    def item_tables(self):
+        """The fused input table f (eqs. 3-4) and the scoring matrix (1 - w) e_id + w proj(e_llm)
+        (sec. 4.3, w = score_llm_weight) of every item, from one projection of the LLM table.
 
         score_layernorm: LayerNorm without affine parameters (they would never be trained:
         scoring runs only at evaluation); at w = 0.5 it equals the code's LayerNorm(e_id + proj(e_llm)).
         """
+        e_id, e_llm, f = self.item_embeddings(torch.arange(len(self.llm_embedding), device=self.llm_embedding.device))
         w = self.cfg.score_llm_weight
-        items = (1 - w) * self.id_embedding.weight + w * self.projection(self.llm_embedding)  # (n + 1, d)
-        return F.layer_norm(items, items.shape[-1:]) if self.cfg.score_layernorm else items
+        items = (1 - w) * e_id + w * e_llm  # (n + 1, d)
+        return f, F.layer_norm(items, items.shape[-1:]) if self.cfg.score_layernorm else items
 
     def loss(self, input_ids, pos_ids, neg_ids, epoch):
         cfg = self.cfg
@@ -290,9 +304,12 @@ class FAERec(SequentialRecommender):
         item_ids = ids[rows]  # (K_align,)
         copies = item_ids if cfg.align_items == "occurrence" else None  # unique rows have no copies to mask
         zero = rec.new_zeros(())
-        ila = item_alignment_loss(e_id[rows], e_llm[rows], cfg.tau, copies) if cfg.ila else zero
-        fla = (feature_alignment_loss(e_id[rows], e_llm[rows], cfg.lambda_, self.popularity[item_ids], cfg.pop_groups)
-               if cfg.fla else zero)
+        # float32 even under bf16 autocast: bf16 steps of cos / τ are 0.125 wide at τ = 0.05
+        with torch.autocast(ids.device.type, enabled=False):
+            e_id_a, e_llm_a = e_id[rows].float(), e_llm[rows].float()
+            ila = item_alignment_loss(e_id_a, e_llm_a, cfg.tau, copies) if cfg.ila else zero
+            fla = (feature_alignment_loss(e_id_a, e_llm_a, cfg.lambda_, self.popularity[item_ids], cfg.pop_groups)
+                   if cfg.fla else zero)
         w1 = self.curriculum(epoch)
         align = w1 * ila + (1 - w1) * fla  # eq. (12); a disabled term is 0, the other keeps its weight
         return {"loss": rec + cfg.alpha * align, "rec": rec, "ila": ila, "fla": fla, "align": align,  # eq. (14)

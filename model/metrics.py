@@ -26,6 +26,7 @@ class RankingEvaluator:
     update(scores (B, n_items + 1), targets (B,)): excluded items (seen items, padding
     column 0) must score -inf. The target's rank is the number of items scoring strictly
     higher (ties count in the target's favour); HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2).
+    Ranks are found from the top max(K) items, exact wherever they are below max(K).
     """
 
     def __init__(self, tail_mask, popularity_group, ks=(5, 10, 20)):
@@ -45,7 +46,12 @@ class RankingEvaluator:
             self.sums = torch.zeros(len(self.groups), len(METRICS) * len(self.ks), dtype=torch.float64, device=device)
             self.users = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
             self.covered = torch.zeros(len(self.ks), scores.size(1), dtype=torch.bool, device=device)
-        rank = (scores > scores.gather(1, targets[:, None])).sum(1, keepdim=True)  # (B, 1)
+        # The target's rank only matters below max K: items beating the target are all in the
+        # top max K unless its last one does too (then rank >= max K, a miss at every K). One
+        # top-k pass serves the ranks and the coverage; no count over all items.
+        top_scores, top = scores.topk(min(max(self.ks), scores.size(1)), dim=1)  # (B, max K)
+        target = scores.gather(1, targets[:, None])  # (B, 1)
+        rank = torch.where(top_scores[:, -1:] > target, top.size(1), (top_scores > target).sum(1, keepdim=True))  # (B, 1)
         hit = (rank < torch.tensor(self.ks, device=device)).double()  # (B, ks)
         ndcg = hit / torch.log2(rank + 2.0)  # (B, ks)
         tail = self.tail_mask[targets]  # (B,)
@@ -54,7 +60,6 @@ class RankingEvaluator:
                              + [pop == g for g in range(len(POPULARITY_GROUPS))], dim=1).double()  # (B, groups)
         self.sums += member.T @ torch.cat([hit, ndcg], dim=1)  # (groups, metrics * ks)
         self.users += member.sum(0)
-        top_scores, top = scores.topk(min(max(self.ks), scores.size(1)), dim=1)  # (B, max K)
         for i, k in enumerate(self.ks):
             self.covered[i, top[:, :k][top_scores[:, :k] > -torch.inf]] = True
 

@@ -48,6 +48,8 @@ class TrainConfig:
     eval_batch_size: int = 512
     num_threads: int = 0             # CPU threads for torch; 0 = torch's default
     device: str = "auto"             # auto = cuda when a GPU is visible, else cpu
+    autocast: bool = False           # bf16 autocast of the training step (GPUs, CPUs with AMX or
+                                     # AVX-512 BF16); evaluation stays float32 so ranks are exact
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "patience", "eval_every", "eval_batch_size"):
@@ -219,12 +221,12 @@ def evaluate(model, split: EvalSplit, data: SequenceData, name: str, batch_size:
                                  torch.tensor(data.popularity_group, device=device))
     row_starts = np.searchsorted(split.seen_rows, np.arange(len(split.targets) + 1))
     with torch.no_grad():
-        items = model.scoring_items()  # the item matrix, built once for all batches
+        table, items = model.item_tables()  # every item's input embedding and scoring row, once
         for start in range(0, len(split.targets), batch_size):
             stop = min(start + batch_size, len(split.targets))
             inputs = torch.as_tensor(split.inputs[start:stop], device=device)
             targets = torch.as_tensor(split.targets[start:stop], device=device)
-            scores = model.score_all(inputs, items=items)             # (B, n + 1)
+            scores = model.score_all(inputs, items=items, table=table)  # (B, n + 1)
             lo, hi = row_starts[start], row_starts[stop]
             rows = torch.as_tensor(split.seen_rows[lo:hi] - start, device=device)
             cols = torch.as_tensor(split.seen_items[lo:hi], device=device)
@@ -269,6 +271,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def train_step(model, optimizer, batch, epoch: int, autocast: bool = False) -> dict[str, torch.Tensor]:
+    """One optimiser step on (inputs, positives, negatives); returns the loss parts detached
+    and still on the device, so that the step never waits for the device (no host sync)."""
+    with torch.autocast(batch[0].device.type, dtype=torch.bfloat16, enabled=autocast):
+        parts = model.loss(*batch, epoch=epoch)
+    optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in parts.items()}
+
+
+def make_optimizer(model, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    # fused: one pass per parameter instead of ~8 (2x faster on the item table, same values)
+    return torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                            fused=True)
+
+
 def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
         on_epoch: Callable[[EpochRecord, Callable[[], dict]], None] | None = None,
         resume: dict | None = None, test_on_improvement: bool = False,
@@ -299,8 +318,7 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
                                                  cache_dir))
     popularity = torch.tensor(data.train_popularity)
     model = build_model(model_cfg, data.n_items, llm, pca, popularity).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr,
-                                 weight_decay=train_cfg.weight_decay)
+    optimizer = make_optimizer(model, train_cfg)
 
     batches = TrainBatches(data, model_cfg.max_len, rng)
     val_split = EvalSplit.build(data, "val", model_cfg.max_len)
@@ -328,17 +346,14 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
     for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):
         tic = time.perf_counter()
         model.train()
-        sums: dict[str, float] = {}
-        for inp, pos, neg in batches.epoch(train_cfg.batch_size):
+        sums: dict[str, torch.Tensor] = {}
+        for arrays in batches.epoch(train_cfg.batch_size):
+            batch = [torch.as_tensor(a, device=device) for a in arrays]
             # the curriculum's t counts completed epochs: the first epoch uses w1(0) = w_max
-            parts = model.loss(*(torch.as_tensor(a, device=device) for a in (inp, pos, neg)),
-                               epoch=epoch - 1)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
+            parts = train_step(model, optimizer, batch, epoch - 1, train_cfg.autocast)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        metrics = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
+                sums[k] = sums[k] + v if k in sums else v
+        metrics = {f"train/{k}": float(v) / steps_per_epoch for k, v in sums.items()}
         if not math.isfinite(metrics["train/loss"]):
             raise FloatingPointError(f"training loss is {metrics['train/loss']} at epoch {epoch}")
         metrics["time/train_epoch_s"] = time.perf_counter() - tic

@@ -109,3 +109,33 @@ def test_gradients_reach_every_parameter(name):
     model(x, mask).pow(2).sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+
+
+def test_sasrec_rows_are_independent_of_their_batch_and_its_attention_windows():
+    """SASRec packs real positions and attends in windows of rows of similar length: each row
+    must come out as it does alone and unpadded, whatever the windows."""
+    model = make("sasrec")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, MAX_LEN, D, generator=g)
+    lengths = torch.tensor([8, 1, 5, 0, 3, 8, 2])
+    mask = torch.arange(MAX_LEN) >= MAX_LEN - lengths[:, None]
+    together = model(x, mask)  # one window: rows_per_window > 7
+    model.rows_per_window = 2
+    windowed = model(x, mask)
+    torch.testing.assert_close(windowed, together)
+    for i, n in enumerate(lengths.tolist()):
+        if n:
+            alone = model(x[i:i + 1, MAX_LEN - n:], torch.ones(1, n, dtype=torch.bool))
+            torch.testing.assert_close(windowed[i:i + 1, MAX_LEN - n:], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows_per_window", [2, 32])
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_last_only_equals_the_last_position_of_the_full_output(name, rows_per_window):
+    model = make(name)
+    model.rows_per_window = rows_per_window  # SASRec's windows; ignored by the others
+    x = torch.randn(7, MAX_LEN, D, generator=torch.Generator().manual_seed(4))
+    mask = torch.arange(MAX_LEN) >= MAX_LEN - torch.tensor([8, 1, 5, 0, 3, 8, 2])[:, None]  # incl. an empty row
+    last = model(x, mask, last_only=True)
+    assert last.shape == (7, D)
+    torch.testing.assert_close(last, model(x, mask)[:, -1])

@@ -259,6 +259,8 @@ def test_score_all(overrides):
     with torch.no_grad():
         scores = model.score_all(inputs)
         torch.testing.assert_close(model.score_all(inputs, items=model.scoring_items()), scores)
+        table, items = model.item_tables()  # evaluation's path: every item embedded once
+        torch.testing.assert_close(model.score_all(inputs, items=items, table=table), scores)
         h = model.backbone(model.sequence_embeddings(inputs), inputs != 0)[:, -1]
         if overrides.get("method") == "base":
             items = model.id_embedding.weight

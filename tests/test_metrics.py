@@ -56,7 +56,7 @@ def brute_force(scores, targets, tail, groups, ks):
     return out
 
 
-def random_case(seed, ties):
+def random_case(seed, ties, levels=6):
     g = torch.Generator().manual_seed(seed)
     n_items, n_users = 40, 57
     tail = torch.rand(n_items + 1, generator=g) < 0.7
@@ -64,7 +64,7 @@ def random_case(seed, ties):
     groups = torch.randint(0, 4, (n_items + 1,), generator=g)  # group "50+" stays empty
     groups[0] = -1
     if ties:
-        scores = torch.randint(0, 6, (n_users, n_items + 1), generator=g).float()
+        scores = torch.randint(0, levels, (n_users, n_items + 1), generator=g).float()
     else:
         scores = torch.randn(n_users, n_items + 1, generator=g)
     targets = torch.randint(1, n_items + 1, (n_users,), generator=g)
@@ -92,6 +92,20 @@ def test_hr_ndcg_with_ties_match_brute_force(seed):
         if "coverage" not in name:  # top-K membership among ties is arbitrary
             assert got[name] == pytest.approx(value), name
     assert not any("pop_50+" in name for name in got)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ties_with_the_last_of_the_top_k_match_brute_force(seed):
+    """Three score levels: most targets tie with the max-K-th best item, many rank just beyond it."""
+    scores, targets, tail, groups = random_case(seed, ties=True, levels=3)
+    ks = (1, 5, 10)
+    top_k_last = scores.topk(10, dim=1).values[:, -1]
+    target_scores = scores[torch.arange(len(targets)), targets]
+    assert (top_k_last == target_scores).sum() >= 10 and (top_k_last > target_scores).sum() >= 10
+    got = evaluate(scores, targets, tail, groups, ks)
+    for name, value in brute_force(scores, targets, tail, groups, ks).items():
+        if "coverage" not in name:
+            assert got[name] == pytest.approx(value), name
 
 
 @pytest.mark.parametrize("seed", [0, 1])

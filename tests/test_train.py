@@ -10,8 +10,9 @@ import torch
 from model.data import DatasetConfig, load_dataset
 from model.errors import ConfigError
 from model.text import EmbeddingConfig
+from model.faerec import build_model
 from model.train import (SETTING_NAMES, EvalSplit, Inputs, TrainBatches, evaluate, fit,
-                         load_inputs, main, settings_from_dict)
+                         load_inputs, main, make_optimizer, settings_from_dict, train_step)
 
 
 @pytest.fixture
@@ -61,10 +62,10 @@ class FixedScores(torch.nn.Module):
         super().__init__()
         self.scores, self.next_row = scores, 0
 
-    def scoring_items(self):
-        return None
+    def item_tables(self):
+        return None, None
 
-    def score_all(self, input_ids, items=None):  # users arrive in order, batch by batch
+    def score_all(self, input_ids, items=None, table=None):  # users arrive in order, batch by batch
         rows = slice(self.next_row, self.next_row + len(input_ids))
         self.next_row += len(input_ids)
         return self.scores[rows].clone()
@@ -107,6 +108,25 @@ def test_resume_from_snapshot_equals_an_uninterrupted_run(tiny_inputs):
     assert [h["train/loss"] for h in resumed.history] == pytest.approx(
         [h["train/loss"] for h in straight.history])
     assert resumed.test == pytest.approx(straight.test)
+
+
+def test_bf16_autocast_step_stays_close_to_float32(tiny_inputs):
+    """The autocast option: same losses as float32 up to bf16 rounding, float32 parameters."""
+    data = tiny_inputs.data
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "dropout": 0.0, "proj_dropout": 0.0,
+                                                "autocast": True}, "test")
+    batch = [torch.as_tensor(a) for a in next(TrainBatches(data, 12, np.random.default_rng(0)).epoch(16))]
+    parts = {}
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model_cfg, data.n_items, torch.tensor(tiny_inputs.llm_embeddings),
+                            torch.randn(data.n_items, 16), torch.tensor(data.train_popularity))
+        parts[autocast] = train_step(model, make_optimizer(model, train_cfg), batch, 0, autocast)
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    for k in ("rec", "ila", "fla"):
+        assert parts[True][k].dtype == torch.float32
+        assert parts[True][k].item() == pytest.approx(parts[False][k].item(), rel=0.05), k
+    assert parts[True]["rec"].item() != parts[False]["rec"].item()  # bf16 really ran
 
 
 def test_every_epoch_is_reported_and_patience_spans_min_steps(tiny_inputs):
