@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.data import (POPULARITY_GROUPS, REPO_ROOT, SequenceData, dataset_config_from_dict,
-                        load_dataset, main, pad_left, resolve_dataset)
+from model.config import PROJECT_ROOT as REPO_ROOT
+from model.config import dataset_config_from_dict, resolve_dataset
+from model.data import POPULARITY_GROUPS, SequenceData, load_dataset, main, pad_left
 from model.datasets import ML100K_MEMBER
 from model.errors import ConfigError, DataError
 

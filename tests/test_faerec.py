@@ -252,11 +252,16 @@ def test_base_model():
     assert set(tiny_model().loss(*tiny_batch(), epoch=0)) == {"loss", "rec", "ila", "fla", "align", "w_ila"}
 
 
-@pytest.mark.parametrize("overrides", [{"method": "base"}, {}, {"score_llm_weight": 0.3, "score_layernorm": True}])
+@pytest.mark.parametrize("overrides", [{"method": "base"}, {}, {"score_llm_weight": 0.3, "score_layernorm": True},
+                                       {"score_layernorm": True, "input_path": "code"}])
 def test_score_all(overrides):
     model = tiny_model(**overrides).eval()
     inputs = tiny_batch()[0]
     with torch.no_grad():
+        if overrides.get("score_layernorm"):  # trained gain and bias, as if learned: scoring must use them
+            norm = (model.code_input if overrides.get("input_path") == "code" else model.backbone.input).norm
+            gain, bias = torch.rand(D) + 0.5, torch.randn(D)
+            norm.weight.copy_(gain), norm.bias.copy_(bias)
         scores = model.score_all(inputs)
         torch.testing.assert_close(model.score_all(inputs, items=model.scoring_items()), scores)
         table, items = model.item_tables()  # evaluation's path: every item embedded once
@@ -267,8 +272,9 @@ def test_score_all(overrides):
         else:
             w = overrides.get("score_llm_weight", 0.5)
             items = (1 - w) * model.id_embedding.weight + w * model.projection(model.llm_embedding)
-            if overrides.get("score_layernorm"):
-                items = (items - items.mean(1, keepdim=True)) / torch.sqrt(items.var(1, unbiased=False, keepdim=True) + 1e-5)
+            if overrides.get("score_layernorm"):  # the code's LayerNorm(e_id + proj(e_llm)) at w = 0.5, by hand
+                x, eps = 2 * items, (1e-12 if overrides.get("input_path") == "code" else 1e-5)
+                items = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + eps) * gain + bias
     assert scores.shape == (4, N_ITEMS + 1)
     assert (scores[:, 0] == -torch.inf).all()
     torch.testing.assert_close(scores[:, 1:], (h @ items.T)[:, 1:])

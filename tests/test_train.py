@@ -34,11 +34,11 @@ def test_settings_accept_every_field_and_name_the_source_on_errors():
     assert "lambda" in SETTING_NAMES and "lambda_" not in SETTING_NAMES
     with pytest.raises(ConfigError, match=r"x.yaml: unknown setting 'lamda'"):
         settings_from_dict({"lamda": 0.1}, "x.yaml")
-    with pytest.raises(ConfigError, match=r"x.yaml: epochs: expected int, got 'ten'"):
+    with pytest.raises(ConfigError, match=r"x.yaml: epochs: expected an integer, got 'ten'"):
         settings_from_dict({"epochs": "ten"}, "x.yaml")
     with pytest.raises(ConfigError, match=r"x.yaml: .*lr.*-1"):
         settings_from_dict({"lr": -1}, "x.yaml")
-    with pytest.raises(ConfigError, match=r"x.yaml: gating: expected bool"):
+    with pytest.raises(ConfigError, match=r"x.yaml: gating: expected a boolean"):
         settings_from_dict({"gating": "yes"}, "x.yaml")
 
 

@@ -20,6 +20,7 @@ from ray.tune import CLIReporter
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from model.config import PROJECT_ROOT
 from model.errors import ConfigError
 from model.train import load_inputs
 from tuning.cluster import check_cluster
@@ -27,7 +28,6 @@ from tuning.space import SearchSpace, define_by_run, make_sampler
 from tuning.trainable import best_key, train_trial
 from tuning.tracking import MLflowTuneCallback, SearchTracker
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_COLUMNS = ("test/overall/hr_10", "test/overall/ndcg_10", "test/tail/hr_10",
                    "test/tail/ndcg_10", "test/overall/hr_20")
 
