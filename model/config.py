@@ -134,14 +134,20 @@ def unknown_key(key, allowed, source: str, path: str = "", noun: str = "key") ->
                        f"allowed: {', '.join(allowed)}")
 
 
-def from_mapping(cls, data, source: str, path: str = "", noun: str = "key"):
-    """`cls(**data)` from a YAML mapping, every error naming `source`, the YAML path and the value."""
+def check_keys(cls, data, source: str, path: str = "", noun: str = "key") -> dict[str, str]:
+    """`data` is a mapping of `cls`'s fields (external name -> field name, returned)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where(source, path)}: expected a mapping, got {data!r}")
     names = {EXTERNAL.get(f.name, f.name): f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
             raise unknown_key(key, tuple(names), source, path, noun)
+    return names
+
+
+def from_mapping(cls, data, source: str, path: str = "", noun: str = "key"):
+    """`cls(**data)` from a YAML mapping, every error naming `source`, the YAML path and the value."""
+    names = check_keys(cls, data, source, path, noun)
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.init and required and EXTERNAL.get(f.name, f.name) not in data:
@@ -456,12 +462,11 @@ def dataset_config_from_dict(d, source: str, base_dir: str | Path | None = None)
     """Validated `DatasetConfig` from a YAML section; `source` names it in errors. Relative
     paths resolve against `base_dir` (the YAML file's folder), else the working directory."""
     path = "dataset"
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{where(source, path)}: expected a mapping, got {d!r}")
+    check_keys(DatasetConfig, d, source, path, noun="dataset setting")
     fmt = d.get("format", "ml-100k")
     if fmt in FORMATS:
         for key in sorted(set(d) - COMMON_SETTINGS - FORMAT_SETTINGS[fmt]):
-            if key in DatasetConfig.__dataclass_fields__ and d[key] is not None:
+            if d[key] is not None:
                 raise ConfigError(f"{where(source, path, key)}: is not used by format {fmt!r} "
                                   f"(it reads: {', '.join(sorted(FORMAT_SETTINGS[fmt]))}), "
                                   f"got {d[key]!r}")
