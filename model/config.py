@@ -226,6 +226,8 @@ class TrainConfig:
     autocast: bool = False           # bf16 autocast of the training step (GPUs, CPUs with AMX or
                                      # AVX-512 BF16); evaluation stays float32 so ranks are exact
     two_item_users: str = rule("drop", choices=("drop", "pair"))  # "pair": train them on their one pair (the code)
+    batch_all_users: bool = False    # True: users with nothing to train still fill batch rows, as padding
+                                     # (the code: Yelp's 15,720 users make 62 batches of 256, not 47)
 
     def __post_init__(self):
         check_fields(self)
@@ -246,6 +248,7 @@ REFERENCE_CODE = {
     "bce_items": "id",            # trainers.py: positives/negatives scored with ID embeddings
     "align_items": "occurrence",  # every padded position's item, copies masked as negatives
     "two_item_users": "pair",     # datasets.py 83-89
+    "batch_all_users": True,      # datasets.py: every user is a row of the DataLoader, even an empty one
     "epochs": 500,                # main.py --epochs
 }
 # main.py validates from 0-based epoch star_test + 1 on: star_test 60 for FAERec (its logs: 45-60),

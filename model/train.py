@@ -58,13 +58,18 @@ class TrainBatches:
     the items the user never interacted with (whole sequence, as the reference code).
     Users with exactly 2 items are never evaluated; two_item_users="pair" trains them on
     their one pair (items[0] -> items[1], the code's datasets.py 83-89), "drop" leaves them out.
+    batch_all_users keeps a row for every other user too, all padding (1 or 3 items: nothing
+    to train), as the code's DataLoader does: fewer real users per batch, more batches.
     """
 
     def __init__(self, data: SequenceData, max_len: int, rng: np.random.Generator,
-                 two_item_users: str = "drop"):
-        pairs = two_item_users == "pair"
-        users = [u for u, s in enumerate(data.sequences) if len(s) >= 4 or (pairs and len(s) == 2)]
-        train = [s[:-2] if len(s) >= 4 else s for s in (data.sequences[u] for u in users)]
+                 two_item_users: str = "drop", batch_all_users: bool = False):
+        def trained(seq):  # what the user trains on: seq[:-2], or a 2-item user's pair
+            return seq[:-2] if len(seq) >= 4 else seq if len(seq) == 2 and two_item_users == "pair" else None
+
+        users = [u for u, s in enumerate(data.sequences) if batch_all_users or trained(s) is not None]
+        train = [trained(data.sequences[u]) for u in users]
+        train = [x if x is not None else np.zeros(0, np.int64) for x in train]
         self.inputs = pad_left([x[:-1] for x in train], max_len)   # (U, L)
         self.targets = pad_left([x[1:] for x in train], max_len)   # (U, L)
         self.n_items = data.n_items
@@ -96,6 +101,8 @@ class TrainBatches:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             inputs, targets = self.inputs[rows], self.targets[rows]
+            if not targets.any():  # only padding rows (batch_all_users): no loss to take
+                continue
             negatives = self.sample_negatives(rows, targets.shape) * (targets > 0)
             yield inputs, targets, negatives
 
@@ -260,7 +267,8 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
     data = inputs.data
     model = build(inputs, model_cfg, device, cache_dir)
     optimizer = make_optimizer(model, train_cfg)
-    batches = TrainBatches(data, model_cfg.max_len, rng, train_cfg.two_item_users)
+    batches = TrainBatches(data, model_cfg.max_len, rng, train_cfg.two_item_users,
+                           train_cfg.batch_all_users)
     val_split = EvalSplit.build(data, "val", model_cfg.max_len)
     test_split = EvalSplit.build(data, "test", model_cfg.max_len)
     patience = patience_in_validations(train_cfg, math.ceil(len(batches) / train_cfg.batch_size))

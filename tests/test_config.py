@@ -12,7 +12,8 @@ from model.errors import ConfigError
 
 PAPER_MODEL, PAPER_TRAIN = FAERecConfig(), TrainConfig()
 PARTS = {"gate": "code", "input_path": "code", "score_layernorm": True, "bce_items": "id",
-         "align_items": "occurrence", "two_item_users": "pair", "min_epochs": 61}
+         "align_items": "occurrence", "two_item_users": "pair", "batch_all_users": True,
+         "min_epochs": 61}
 
 
 def value(model_cfg, train_cfg, name):
@@ -158,3 +159,15 @@ def test_the_cycle_check_finds_one():
     graph["model.config"] = graph["model.config"] | {"model.data"}  # data -> config -> data
     cycle = find_cycle(graph)
     assert cycle is not None and cycle[0] == cycle[-1] and {"model.config", "model.data"} <= set(cycle)
+
+
+def test_asha_must_not_judge_trials_before_their_first_validation(tmp_path):
+    from tuning.space import load_space
+    space = tmp_path / "s.yaml"
+    space.write_text("name: p\ndataset: ml-100k\nfixed: {preset: reference_code}\n"
+                     "search: {num_samples: 2, max_epochs: 100, scheduler: {type: asha, grace_period: 61}}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: search.scheduler.grace_period: 61 epochs, but trials "
+                                          r"first validate after min_epochs = 61"):
+        load_space(space)
+    space.write_text(space.read_text().replace("grace_period: 61", "grace_period: 62"))
+    assert load_space(space).search.grace_period == 62

@@ -190,5 +190,12 @@ def test_two_item_users_train_on_their_one_pair(tmp_path):
         assert ((negatives > 0) == (targets > 0)).all()
         row = targets.tolist().index([0, 0, 0, 6])
         assert negatives[row, -1] not in (5, 6)
-    # 3-item users train on nothing in either mode (the code's datasets.py does the same)
+    # 3-item users train on nothing in either mode (the code's datasets.py does the same)...
     assert (0, 7, 8) not in pairs and len(paired) == 3
+    # ...but the code still gives them a batch row, all padding: more rows, same pairs
+    every = TrainBatches(data, max_len=4, rng=np.random.default_rng(0), two_item_users="pair",
+                         batch_all_users=True)
+    assert len(every) == 4 and sorted(map(tuple, every.inputs.tolist()))[0] == (0, 0, 0, 0)
+    assert {tuple(i) for i in every.inputs.tolist()} - {(0, 0, 0, 0)} == set(pairs)
+    rows = [r for batch in every.epoch(1) for r in batch[0].tolist()]
+    assert len(rows) == 3 and [0, 0, 0, 0] not in rows  # a batch of padding only is skipped

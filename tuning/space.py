@@ -486,7 +486,17 @@ def _check_values(space: SearchSpace) -> None:
         path = "params.w_max" if name == "w_gap" else f"params.{name}"
         for value in values:
             config = _trial_config(space, {**base, name: value})
-            settings_from_dict(trial_settings(config), source=f"{space.label}: {path}")
+            _, train_cfg = settings_from_dict(trial_settings(config), source=f"{space.label}: {path}")
+            _check_first_validation(space, train_cfg.min_epochs)
+
+
+def _check_first_validation(space: SearchSpace, min_epochs: int) -> None:
+    """ASHA compares trials at grace_period epochs: they must have validated by then."""
+    s = space.search
+    if s.scheduler == "asha" and min_epochs >= s.grace_period:
+        raise ConfigError(f"{space.label}: search.scheduler.grace_period: {s.grace_period} epochs, "
+                          f"but trials first validate after min_epochs = {min_epochs} (set by "
+                          f"{_where(space, 'min_epochs')} or a preset): raise grace_period above it")
 
 
 # ------------------------------------------------------------------------- public API
@@ -516,7 +526,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
             raise ConfigError(f"{source}: params.{p.name}: also set in fixed.{p.name}; keep one")
     _check_ablation(space)
     _check_curriculum_bounds(space)  # before the settings check, which would name one side only
-    settings_from_dict(space.fixed, source, "fixed")
+    _check_first_validation(space, settings_from_dict(space.fixed, source, "fixed")[1].min_epochs)
     _check_grid(space)
     _check_values(space)
     return space

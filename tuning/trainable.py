@@ -54,6 +54,8 @@ def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
             resume = torch.load(Path(folder) / STATE_FILE, weights_only=False)
 
     def report(record: EpochRecord, snapshot) -> None:
+        if not record.best_val:  # before the first validation (min_epochs): Tune refuses a
+            return               # result without the search metric, so there is none to send
         metrics = {**record.metrics, "epoch": record.epoch, "best_epoch": record.best_epoch,
                    "finished": float(record.final),
                    "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
