@@ -95,11 +95,15 @@ def test_one_mechanism_names_file_path_value_and_suggests(call, message):
         call()
 
 
+def write_space(tmp_path, fixed: str, search: str) -> Path:
+    space = tmp_path / "s.yaml"
+    space.write_text(f"name: p\ndataset: ml-100k\nfixed: {fixed}\nsearch: {search}\n")
+    return space
+
+
 def test_the_search_space_uses_the_same_mechanism(tmp_path):
     from tuning.space import load_space
-    space = tmp_path / "s.yaml"
-    space.write_text("name: p\ndataset: ml-100k\nfixed: {lambda: .inf}\n"
-                     "search: {num_samples: 2, max_epochs: 3, resources: {cpus: 2}}\n")
+    space = write_space(tmp_path, "{lambda: .inf}", "{num_samples: 2, max_epochs: 3, resources: {cpus: 2}}")
     with pytest.raises(ConfigError, match=r"s.yaml: search.resources: unknown key 'cpus' "
                                           r"\(did you mean 'cpu'\?\); allowed: cpu, gpu"):
         load_space(space)
@@ -163,9 +167,8 @@ def test_the_cycle_check_finds_one():
 
 def test_asha_must_not_judge_trials_before_their_first_validation(tmp_path):
     from tuning.space import load_space
-    space = tmp_path / "s.yaml"
-    space.write_text("name: p\ndataset: ml-100k\nfixed: {preset: reference_code}\n"
-                     "search: {num_samples: 2, max_epochs: 100, scheduler: {type: asha, grace_period: 61}}\n")
+    space = write_space(tmp_path, "{preset: reference_code}",
+                        "{num_samples: 2, max_epochs: 100, scheduler: {type: asha, grace_period: 61}}")
     with pytest.raises(ConfigError, match=r"s.yaml: search.scheduler.grace_period: 61 epochs, but trials "
                                           r"first validate after min_epochs = 61"):
         load_space(space)

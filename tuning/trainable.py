@@ -30,6 +30,14 @@ def best_key(metric: str) -> str:
     return f"best/{metric}"
 
 
+def outcome(metrics: dict, max_epochs: int) -> str:
+    """How a trial that raised nothing ended, from its last result: "completed" when it ended
+    itself (budget reached, or the training loop's early stopping), else "early-stopped" (the
+    scheduler, ASHA, stopped it)."""
+    ended_itself = metrics.get("finished") == 1.0 or metrics.get("epoch", 0) >= max_epochs
+    return "completed" if ended_itself else "early-stopped"
+
+
 def _assigned_device() -> str:
     """What Ray gave this trial: the visible GPU ids, or 'cpu'."""
     gpus = ray.get_gpu_ids()
