@@ -291,7 +291,7 @@ class FAERec(SequentialRecommender):
             seq = f[inverse[0]]
         rec = self.rec_loss(input_ids, pos_ids, seq, scored[inverse[1]], scored[inverse[2]])
 
-        # Alignment items: the real input items plus the sampled negatives (the paper's code).
+        # Alignment items: the real input items plus the sampled negatives (the authors' code).
         rows = torch.cat([inverse[0][input_ids != 0], inverse[2][neg_ids != 0]])  # indices into ids
         if cfg.align_items == "unique":
             rows = rows.unique()

@@ -60,7 +60,7 @@ RUN_SETTINGS = {"epochs": "search.max_epochs", "eval_every": "search.eval_every"
 ABLATIONS: dict[str, dict[str, object]] = {
     "full": {},
     "no_agf": {"gating": False},       # w/o AGF: f = (e_id + e_llm) / 2 instead of the gate
-    "no_ila": {"ila": False},          # w/o ILA: no item-level alignment
+    "no_ila": {"ila": False},          # w/o ILA: no InfoNCE; FLA keeps 1 - w1 <= 1 - w_min (0.1 of alpha)
     "no_fla": {"fla": False},          # w/o FLA: no feature-level alignment
     "no_cls": {"curriculum": False},   # w/o CLS: w1 fixed at (w_max + w_min) / 2
     "no_pg": {"pop_groups": False},    # w/o PG: one popularity group in FLA
