@@ -178,7 +178,7 @@ class FAERecConfig:
     proj_hidden: int = rule(768, ge=1)  # width of the eq. (2) MLP; its first layer is most of FAERec's extra cost
     proj_dropout: float = rule(0.3, ge=0, lt=1)
     gate: str = rule("paper", choices=("paper", "code"))  # "code": GELU + Dropout(0.1) between W1 and W2
-    input_path: str = rule("paper", choices=("paper", "code"))  # "code": positions + dropout per branch, gate, LayerNorm
+    input_path: str = rule("paper", choices=("paper", "code"))  # "code": positions + dropout per branch, gate, norm
     gating: bool = True  # False = w/o AGF: f = (e_id + e_llm) / 2
     pca_init: bool = True  # ID table from PCA of the LLM table (balanced start, sec. 4.1); False = normal(0, 0.02)
     ila: bool = True  # item-level alignment, eq. (5); False = w/o ILA
@@ -191,10 +191,11 @@ class FAERecConfig:
     w_max: float = rule(1.0, ge=0, le=1)  # upper bound of the ILA weight w1, eq. (11)
     w_min: float = rule(0.9, ge=0, le=1)  # lower bound of w1: FLA's weight never exceeds 1 - w_min
     period: int = rule(30, ge=1)  # curriculum period T in epochs
-    bce_items: str = rule("fused", choices=("fused", "id"))  # items the BCE scores: the gate output, or ID only (the code); paper silent
-    score_llm_weight: float = rule(0.5, ge=0, le=1)  # share of proj(e_llm) in the scoring item matrix; 0.5 = equal weights (sec. 4.3)
-    score_layernorm: bool = False  # the code's scoring: the trained input LayerNorm on the scoring item matrix
-    align_items: str = rule("unique", choices=("unique", "occurrence"))  # each distinct batch item once, or every occurrence (the code); paper silent
+    bce_items: str = rule("fused", choices=("fused", "id"))  # BCE item embeddings: fused, or ID only (the code); paper silent
+    score_llm_weight: float = rule(0.5, ge=0, le=1)  # share of proj(e_llm) in the scoring items; 0.5: equal (sec. 4.3)
+    score_layernorm: bool = False  # the code's scoring: the trained input LayerNorm on the scoring items
+    align_items: str = rule("unique", choices=("unique", "occurrence"))  # distinct items, or every occurrence (the code);
+                                                                         # paper silent
 
     def __post_init__(self):
         if self.dropout is None:

@@ -20,6 +20,12 @@ def value(model_cfg, train_cfg, name):
     return getattr(model_cfg, name) if hasattr(model_cfg, name) else getattr(train_cfg, name)
 
 
+def test_backbone_choices_are_the_backbones():
+    from model.backbones import BACKBONES
+    from model.config import BACKBONE_NAMES
+    assert set(BACKBONE_NAMES) == set(BACKBONES)
+
+
 def test_defaults_are_the_papers_reading():
     for name, code_choice in PARTS.items():
         assert value(PAPER_MODEL, PAPER_TRAIN, name) != code_choice, name
