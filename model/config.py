@@ -251,6 +251,7 @@ REFERENCE_CODE = {
     "two_item_users": "pair",     # datasets.py 83-89
     "batch_all_users": True,      # datasets.py: every user is a row of the DataLoader, even an empty one
     "epochs": 500,                # main.py --epochs
+    "patience_min_steps": 0,      # main.py: patience 10 validations, never stretched
 }
 # main.py validates from 0-based epoch star_test + 1 on: star_test 60 for FAERec (its logs: 45-60),
 # 200 / 300 / 100 for plain SASRec / FMLP-Rec / LRURec (Backbone/ logs).

@@ -35,7 +35,8 @@ def test_the_preset_selects_every_part_of_the_authors_code():
     model_cfg, train_cfg = settings_from_dict({"preset": "reference_code"}, "cli")
     for name, code_choice in PARTS.items():
         assert value(model_cfg, train_cfg, name) == code_choice, name
-    assert train_cfg.epochs == 500 and set(REFERENCE_CODE) <= set(PARTS) | {"epochs"}
+    assert train_cfg.epochs == 500 and train_cfg.patience_min_steps == 0 and train_cfg.patience == 10
+    assert set(REFERENCE_CODE) <= set(PARTS) | {"epochs", "patience_min_steps"}
     # the plain backbones start validating later, per backbone (the code's Backbone/ logs)
     for backbone, first in (("sasrec", 201), ("fmlprec", 301), ("lrurec", 101)):
         _, train_cfg = settings_from_dict({"preset": "reference_code", "method": "base",
