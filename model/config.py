@@ -16,6 +16,7 @@ here too; reading the files is `model.datasets`, building sequences `model.data`
 import dataclasses
 import difflib
 import math
+import operator
 import string
 import types
 import typing
@@ -53,6 +54,8 @@ def rule(default=dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None,
     return field(default=default, metadata=meta)
 
 
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt),
+           "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 _KIND = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
 
 
@@ -93,16 +96,10 @@ def _bounds_problem(value, meta: Mapping) -> str | None:
         return "must not be empty"
     if value is None or isinstance(value, str):
         return None
-    low = ("[", meta["ge"]) if "ge" in meta else ("(", meta["gt"]) if "gt" in meta else None
-    high = ("]", meta["le"]) if "le" in meta else (")", meta["lt"]) if "lt" in meta else None
-    ok = ((low is None or (value >= low[1] if low[0] == "[" else value > low[1]))
-          and (high is None or (value <= high[1] if high[0] == "]" else value < high[1])))
-    if ok:
+    bounds = {k: meta[k] for k in _BOUNDS if k in meta}
+    if all(_BOUNDS[k][1](value, bound) for k, bound in bounds.items()):
         return None
-    if low and high:
-        return f"must be in {low[0]}{low[1]}, {high[1]}{high[0]}"
-    return f"must be {'>=' if low and low[0] == '[' else '>' if low else '<=' if high[0] == ']' else '<'} " \
-           f"{(low or high)[1]}"
+    return "must be " + " and ".join(f"{_BOUNDS[k][0]} {bound}" for k, bound in bounds.items())
 
 
 def check_fields(obj) -> None:
