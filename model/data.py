@@ -12,192 +12,32 @@ Filters follow the paper (Sec. 5.1): ONE pass keeping the interactions whose use
 both have >= min_*_interactions (counted before filtering); users shorter than
 min_sequence_length stay in the data (their items count for popularity, as in the
 paper's Beauty.txt) but are not evaluated.
-The format readers live in `model/datasets.py`.
+Settings and what each format is: `model/config.py`; the format readers and prompts:
+`model/datasets.py`.
 """
 import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from model.datasets import (FORMAT_FIELDS, check_embeddings, fetch_ml100k, read_faerec,
-                            read_interactions, read_item_prompts)
+from model.cache import atomic_write, cache_root
+from model.config import DatasetConfig, resolve_dataset
+from model.datasets import (fetch_ml100k, read_faerec, read_interactions, read_item_prompts,
+                            read_npy, render_prompt)
 from model.errors import ConfigError, DataError
-from model.text import render_prompt, template_fields
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_DATASETS = REPO_ROOT / "search_spaces" / "datasets"  # `--dataset beauty` = beauty.yaml
 CACHE_VERSION = 1  # bump when the preprocessing changes: old cache entries are then ignored
 POPULARITY_GROUPS = ("1-4", "5-9", "10-19", "20-49", "50+")
 GROUP_STARTS = np.array([5, 10, 20, 50])  # first count of each group after the first
 HEAD_SHARE = 0.2  # the paper's head items: the 20% most popular (Sec. 3)
-
-FORMATS = ("ml-100k", "faerec", "amazon", "yelp", "csv")
-# The settings each format reads, beyond the common ones. A setting given for a format
-# that ignores it is reported: it is almost always a mistake in the file.
-COMMON_SETTINGS = {"format", "name", "min_sequence_length", "max_text_chars", "cache_dir"}
-_FILTERS_AND_PROMPT = {"min_user_interactions", "min_item_interactions", "prompt_template"}
-FORMAT_SETTINGS = {
-    "ml-100k": _FILTERS_AND_PROMPT,
-    # no filters: they would renumber the items and break the alignment with the .npy rows
-    "faerec": {"interactions", "embeddings"},
-    "amazon": _FILTERS_AND_PROMPT | {"interactions", "items"},
-    "yelp": _FILTERS_AND_PROMPT | {"interactions", "items", "date_start", "date_end"},
-    "csv": _FILTERS_AND_PROMPT | {"interactions", "items", "user_column", "item_column",
-                                  "time_column", "item_id_column", "text_columns", "separator"},
-}
-FORMAT_DEFAULTS = {
-    "amazon": {"min_user_interactions": 5, "min_item_interactions": 5},
-    "yelp": {"min_user_interactions": 5, "min_item_interactions": 5,
-             "date_start": "2000-01-01", "date_end": "2019-12-31"},
-}
-PATH_SETTINGS = ("interactions", "items", "embeddings", "cache_dir")
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """Where a dataset lies and how to read it. Build it with `dataset_config_from_dict` or
-    `resolve_dataset`: they validate it and fill in the format's defaults."""
-    format: str = "ml-100k"  # ml-100k (embedded) | faerec | amazon | yelp | csv
-    name: str = ""  # shown in logs and MLflow; "": the interactions file name, or the format
-    interactions: str | None = None  # faerec .txt, Amazon/Yelp review dump, or table
-    items: str | None = None  # Amazon metadata, Yelp business dump, or item table (csv)
-    embeddings: str | None = None  # faerec: precomputed (n_items, d) .npy, row i-1 = item i
-    user_column: str = "user_id"  # csv column names
-    item_column: str = "item_id"
-    time_column: str | None = "timestamp"  # numbers or dates; None: the rows are in time order
-    item_id_column: str | None = None  # item id column of the items table; None: item_column
-    text_columns: tuple[str, ...] = ()  # csv prompt "column: value; ..."; () = all but the id
-    prompt_template: str | None = None  # "{field}" placeholders; None: the format's own
-    separator: str | None = None  # csv/tsv separator; None: from the extension
-    min_user_interactions: int = 0  # one filter pass (paper: 5 for Amazon)
-    min_item_interactions: int = 0
-    min_sequence_length: int = 3  # shorter users are not evaluated (the paper: 3)
-    date_start: str | None = None  # yelp: first and last review day kept (YYYY-MM-DD)
-    date_end: str | None = None
-    max_text_chars: int = 4095  # the paper cuts prompts here
-    cache_dir: str | None = None  # None: $FAEREC_CACHE, else <repo>/.cache
-
-    def __post_init__(self):
-        if not self.name:  # reviews_Beauty.json.gz -> reviews_Beauty
-            name = Path(self.interactions).name.split(".")[0] if self.interactions else self.format
-            object.__setattr__(self, "name", name)  # frozen: the one way to set a default
-
-
-def _typed(source: str, key: str, value, tp):
-    """`value` if it has the field's type (bool is not an int here)."""
-    if tp == tuple[str, ...]:
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(f"{source}: dataset.{key} = {value!r} must be a list of column names")
-    allowed = typing.get_args(tp) or (tp,)  # str | None -> (str, NoneType)
-    if isinstance(value, bool) or not isinstance(value, allowed):
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise ConfigError(f"{source}: dataset.{key} = {value!r} must be {names}")
-    return value
-
-
-def dataset_config_from_dict(d: Mapping, source: str, base_dir: str | Path | None = None
-                             ) -> DatasetConfig:
-    """Validated `DatasetConfig` from a YAML section; `source` names it in errors. Relative
-    paths resolve against `base_dir` (the YAML file's folder), else the working directory."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{source}: the dataset section must be a mapping, got {d!r}")
-    fields = {f.name: f.type for f in dataclasses.fields(DatasetConfig)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown dataset setting {unknown[0]!r}; "
-                          f"allowed: {', '.join(fields)}")
-    given = {key: _typed(source, key, value, fields[key]) for key, value in d.items()}
-    fmt = given.get("format", "ml-100k")
-    if fmt not in FORMATS:
-        raise ConfigError(f"{source}: dataset.format = {fmt!r}; allowed: {', '.join(FORMATS)}")
-    for key in sorted(set(given) - COMMON_SETTINGS - FORMAT_SETTINGS[fmt]):
-        if given[key] is not None:
-            raise ConfigError(f"{source}: dataset.{key} = {given[key]!r} is not used by format "
-                              f"{fmt!r} (it reads: {', '.join(sorted(FORMAT_SETTINGS[fmt]))})")
-    if fmt != "ml-100k" and given.get("interactions") is None:
-        raise ConfigError(f"{source}: format {fmt!r} needs dataset.interactions (a file path)")
-    values = {**FORMAT_DEFAULTS.get(fmt, {}), **given}
-    for key in PATH_SETTINGS:
-        if values.get(key) is not None:
-            values[key] = str(Path(base_dir or ".", values[key]).expanduser())
-    cfg = DatasetConfig(**values)
-    _check_values(cfg, source)
-    return cfg
-
-
-def _check_values(cfg: DatasetConfig, source: str) -> None:
-    for key in ("min_user_interactions", "min_item_interactions"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{source}: dataset.{key} = {getattr(cfg, key)} must be >= 0")
-    if cfg.min_sequence_length < 3:  # validation needs one history item before the 2 targets
-        raise ConfigError(f"{source}: dataset.min_sequence_length = {cfg.min_sequence_length} "
-                          "must be >= 3")
-    if cfg.max_text_chars < 1:
-        raise ConfigError(f"{source}: dataset.max_text_chars = {cfg.max_text_chars} must be >= 1")
-    for key in ("date_start", "date_end"):
-        value = getattr(cfg, key)
-        try:
-            valid = value is None or date.fromisoformat(value).isoformat() == value
-        except ValueError:
-            valid = False
-        if not valid:
-            raise ConfigError(f"{source}: dataset.{key} = {value!r} is not a YYYY-MM-DD date")
-    if cfg.date_start and cfg.date_end and cfg.date_start > cfg.date_end:
-        raise ConfigError(f"{source}: dataset.date_start = {cfg.date_start!r} is after "
-                          f"dataset.date_end = {cfg.date_end!r}")
-    if cfg.format == "csv" and cfg.items is None and (cfg.prompt_template or cfg.text_columns):
-        raise ConfigError(f"{source}: dataset.prompt_template/text_columns need dataset.items "
-                          "(the table holding the item text)")
-    if cfg.prompt_template and cfg.text_columns:
-        raise ConfigError(f"{source}: give dataset.prompt_template or dataset.text_columns, "
-                          "not both")
-    try:
-        used = template_fields(cfg.prompt_template or "")
-        template_fields("; ".join(f"{{{c}}}" for c in cfg.text_columns))  # they become fields
-    except ConfigError as e:
-        raise ConfigError(f"{source}: dataset.prompt_template/text_columns: {e}") from None
-    if cfg.format in FORMAT_FIELDS and not used <= FORMAT_FIELDS[cfg.format]:
-        raise ConfigError(f"{source}: dataset.prompt_template uses "
-                          f"{{{sorted(used - FORMAT_FIELDS[cfg.format])[0]}}}; format "
-                          f"{cfg.format!r} has: {', '.join(sorted(FORMAT_FIELDS[cfg.format]))}")
-
-
-def resolve_dataset(arg: str) -> DatasetConfig:
-    """`--dataset` value: "ml-100k", the name of a file in search_spaces/datasets/, or a path
-    to a YAML file holding the dataset settings at top level or under a `dataset:` key."""
-    if arg == "ml-100k":
-        return dataset_config_from_dict({"format": "ml-100k"}, "--dataset ml-100k")
-    path = Path(arg)
-    if path.suffix not in (".yaml", ".yml") and (SHIPPED_DATASETS / f"{arg}.yaml").is_file():
-        path = SHIPPED_DATASETS / f"{arg}.yaml"
-    if not path.is_file():
-        names = ["ml-100k"] + sorted(p.stem for p in SHIPPED_DATASETS.glob("*.yaml"))
-        raise ConfigError(f"--dataset {arg!r}: no such YAML file, and not a built-in dataset "
-                          f"({', '.join(names)})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    section = doc.get("dataset", doc) if isinstance(doc, dict) else doc
-    if isinstance(section, str):  # `dataset: ml-100k` or `dataset: other.yaml` in a search space
-        return resolve_dataset(str(path.parent / section) if section.endswith((".yaml", ".yml"))
-                               else section)
-    return dataset_config_from_dict(section or {}, str(path), base_dir=path.parent)
 
 
 @dataclass(frozen=True, eq=False)
@@ -314,8 +154,8 @@ def _build(cfg: DatasetConfig, paths: dict[str, Path]) -> SequenceData:
         if not sequences:
             raise DataError(f"{paths['interactions']}: dataset.interactions has no user line")
         n_items = max(int(seq.max()) for seq in sequences)
-        if "embeddings" in paths:
-            check_embeddings(paths["embeddings"], n_items)
+        if "embeddings" in paths:  # checked now, before anything trains
+            read_npy(paths["embeddings"], n_items, "dataset.embeddings", mmap=True)
         item_ids = np.array([str(i) for i in range(1, n_items + 1)])
         return SequenceData(cfg.name, n_items, sequences, np.array(users), item_ids, None,
                             cfg.embeddings, cfg.min_sequence_length)
@@ -363,18 +203,6 @@ def _cache_stem(cfg: DatasetConfig, cache_dir: Path, paths: dict[str, Path]) -> 
     return cache_dir / "datasets" / f"{name}-{key.hexdigest()[:24]}"
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write to a temporary file, then rename: a concurrent reader sees all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _save(data: SequenceData, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {"name": data.name, "n_items": data.n_items, "user_ids": data.user_ids.tolist(),
@@ -383,8 +211,8 @@ def _save(data: SequenceData, stem: Path) -> None:
             "min_sequence_length": data.min_sequence_length}
     lengths = [len(seq) for seq in data.sequences]
     # the JSON first: the .npz, written last, marks a complete entry
-    _write_atomic(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
-    _write_atomic(stem.with_suffix(".npz"), lambda f: np.savez(
+    atomic_write(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+    atomic_write(stem.with_suffix(".npz"), lambda f: np.savez(
         f, items=np.concatenate(data.sequences), offsets=np.cumsum([0, *lengths])))
 
 
@@ -400,9 +228,9 @@ def _load(stem: Path) -> SequenceData:
 
 def load_dataset(cfg: DatasetConfig) -> SequenceData:
     """The dataset, read from the disk cache when its sources and settings are unchanged."""
-    cache_dir = Path(cfg.cache_dir or os.environ.get("FAEREC_CACHE") or REPO_ROOT / ".cache")
-    paths = _source_paths(cfg, cache_dir)
-    stem = _cache_stem(cfg, cache_dir, paths)
+    folder = cache_root(cfg.cache_dir)
+    paths = _source_paths(cfg, folder)
+    stem = _cache_stem(cfg, folder, paths)
     if stem.with_suffix(".npz").is_file():
         return _load(stem)
     data = _build(cfg, paths)

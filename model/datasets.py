@@ -1,32 +1,29 @@
-"""Format readers: one dataset dump -> raw (user, item, time) rows and item prompt fields.
+"""Format readers and prompts: one dataset dump -> raw (user, item, time) rows, item prompts.
 
 `model.data` calls these and does everything format-independent (filters, id numbering,
-splits, cache). Raw ids are kept as the strings written in the file, so an items table and
+splits, cache); what each format is (its settings and prompt fields) is `model.config`. Raw ids are kept as the strings written in the file, so an items table and
 an interactions table match on "007" even where one of them would parse it as 7.
 Times only need to sort: they are int64 in whatever unit the file uses.
 """
 import ast
 import gzip
 import json
+import numbers
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from model.config import FORMAT_FIELDS, DatasetConfig, template_fields
 from model.errors import ConfigError, DataError
-from model.text import template_fields
-
-if TYPE_CHECKING:  # model.data imports this module, so the type is only needed for checkers
-    from model.data import DatasetConfig
 
 MOVIE_TEMPLATE = ("The movie has following attributes: title is {title}; "
                   "release year is {year}; genres are {genres}.")
@@ -42,13 +39,32 @@ POI_TEMPLATE = ("The point of interest has following attributes: name is {name};
                 "category is {categories}; type is {type}; open status is {is_open}; "
                 "review count is {review_count}; city is {city}; average score is {stars}.")
 DEFAULT_TEMPLATES = {"ml-100k": MOVIE_TEMPLATE, "amazon": AMAZON_TEMPLATE, "yelp": POI_TEMPLATE}
-# what a custom prompt_template may use in the formats with a fixed metadata layout
-FORMAT_FIELDS = {
-    "ml-100k": {"title", "year", "genres"},
-    "amazon": {"title", "brand", "price", "categories", "description"},
-    "yelp": {"name", "categories", "type", "is_open", "review_count", "city", "state",
-             "stars", "address"},
-}
+UNKNOWN = "unknown"  # what the prompt says for a missing field, so every item gets a full sentence
+
+
+def _is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, numbers.Number) and value != value:  # NaN: pandas' empty cell
+        return True
+    if isinstance(value, str | list | tuple) and len(value) == 0:
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _field_text(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        value = ", ".join(str(v) for v in value if not _is_missing(v))
+    return UNKNOWN if _is_missing(value) else str(value)
+
+
+def render_prompt(template: str, fields: Mapping[str, object], max_chars: int = 4095) -> str:
+    """Fill `{field}` placeholders; missing/None/NaN/empty -> "unknown"; cut at `max_chars`
+    (the paper truncates prompts to 4095 characters before embedding)."""
+    values = {name: _field_text(fields.get(name)) for name in template_fields(template)}
+    return template.format_map(values)[:max_chars]
 
 
 @dataclass(frozen=True)
@@ -152,18 +168,28 @@ def read_faerec(path: Path) -> tuple[list[np.ndarray], list[str]]:
     return sequences, users
 
 
-def check_embeddings(path: Path, n_items: int) -> None:
-    """A precomputed LLM embedding file must have one finite row per item (row i-1 = item i)."""
-    try:
-        emb = np.load(path, allow_pickle=False, mmap_mode="r")
+def read_npy(path: str | Path, n_items: int, what: str = "embedding file",
+             mmap: bool = False) -> np.ndarray:
+    """A precomputed (n_items, d_llm) matrix, row i-1 = item i, as float32; every mistake is
+    a DataError naming the file, `what` it is, and the bad shape, type or row. `mmap` checks
+    a file without loading it (a dataset's .npy, before anything trains)."""
+    try:  # a pickled file could run code: refuse it
+        emb = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: dataset.embeddings is not a numpy .npy array ({e})") from None
-    if emb.ndim != 2 or emb.shape[0] != n_items:
-        raise DataError(f"{path}: dataset.embeddings has shape {emb.shape}, expected "
-                        f"({n_items}, d): one row per item of the interactions file")
-    if not np.isfinite(emb).all():
-        row = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
-        raise DataError(f"{path}: dataset.embeddings row {row} (item {row + 1}) is not finite")
+        raise DataError(f"{path}: {what}: cannot read it as a plain .npy array ({e})") from None
+    if emb.ndim != 2:
+        raise DataError(f"{path}: {what}: expected a 2-D array (n_items, d_llm), "
+                        f"got shape {emb.shape}")
+    if len(emb) != n_items:
+        raise DataError(f"{path}: {what}: expected {n_items} rows (one per item of the "
+                        f"interactions), got {len(emb)}")
+    if not np.issubdtype(emb.dtype, np.number):
+        raise DataError(f"{path}: {what}: expected numbers, got dtype {emb.dtype}")
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if len(bad):
+        raise DataError(f"{path}: {what}: row {bad[0]} (item {bad[0] + 1}) has a NaN or "
+                        f"infinite value ({len(bad)} bad rows in all)")
+    return emb if mmap else emb.astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------- JSON-lines dumps
@@ -325,7 +351,7 @@ def _time_values(column: pd.Series, path: Path) -> np.ndarray:
         times.to_numpy("datetime64[ns]").astype(np.int64)
 
 
-def read_csv_interactions(cfg: "DatasetConfig", path: Path) -> Interactions:
+def read_csv_interactions(cfg: DatasetConfig, path: Path) -> Interactions:
     df = read_table(path, cfg.separator, "interactions")
     columns = {"user_column": cfg.user_column, "item_column": cfg.item_column}
     if cfg.time_column is not None:
@@ -338,7 +364,7 @@ def read_csv_interactions(cfg: "DatasetConfig", path: Path) -> Interactions:
                         np.array(df[cfg.item_column].tolist()), times)
 
 
-def read_csv_items(cfg: "DatasetConfig", path: Path, wanted: set[str]
+def read_csv_items(cfg: DatasetConfig, path: Path, wanted: set[str]
                    ) -> tuple[str, dict[str, dict]]:
     """(template, fields). Without a template: "column: value" pairs of `text_columns`,
     by default every column but the id."""
@@ -363,7 +389,7 @@ def read_csv_items(cfg: "DatasetConfig", path: Path, wanted: set[str]
 
 # ---------------------------------------------------------------- one entry per format
 
-def read_interactions(cfg: "DatasetConfig", path: Path) -> Interactions:
+def read_interactions(cfg: DatasetConfig, path: Path) -> Interactions:
     """Every interaction of the source (only Yelp's date window is applied here)."""
     if cfg.format == "ml-100k":
         return read_ml100k_interactions(path)
@@ -374,7 +400,7 @@ def read_interactions(cfg: "DatasetConfig", path: Path) -> Interactions:
     return read_csv_interactions(cfg, path)
 
 
-def read_item_prompts(cfg: "DatasetConfig", path: Path, wanted: set[str]
+def read_item_prompts(cfg: DatasetConfig, path: Path, wanted: set[str]
                       ) -> tuple[str, dict[str, dict]]:
     """(prompt template, raw item id -> prompt fields) for the items in `wanted`."""
     if cfg.format == "csv":

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.backbones import BACKBONES, Dropout
-from model.errors import ConfigError
+from model.config import FAERecConfig  # noqa: F401 (the settings of both models live in model.config)
 
 
 class ProjectionMLP(nn.Sequential):
@@ -108,64 +108,28 @@ class CurriculumSchedule:
         return (self.w_max - self.w_min) * (1 + math.cos(2 * math.pi * epoch / self.period)) / 2 + self.w_min  # eq. (11)
 
 
-@dataclass
-class FAERecConfig:
-    method: str = "faerec"  # "base" = the backbone alone on randomly initialised ID embeddings
-    backbone: str = "sasrec"  # "sasrec" | "fmlprec" | "lrurec"
-    hidden_size: int = 128  # d; also the size of the d x d correlation matrices of FLA
-    num_layers: int = 2
-    num_heads: int = 2  # attention heads (SASRec only); must divide hidden_size
-    dropout: float | None = None  # backbone dropout; None = 0.4 (faerec) / 0.5 (base), as the paper's code
-    max_len: int = 50  # most recent items kept; SASRec's cost grows quadratically in it
-    proj_hidden: int = 768  # width of the eq. (2) MLP; its first layer is most of FAERec's extra cost
-    proj_dropout: float = 0.3
-    gate: str = "paper"  # "paper": eq. (3) as printed; "code": GELU + Dropout(0.1) between W1 and W2
-    gating: bool = True  # False = w/o AGF: f = (e_id + e_llm) / 2
-    pca_init: bool = True  # ID table from PCA of the LLM table (balanced start, sec. 4.1); False = normal(0, 0.02)
-    ila: bool = True  # item-level alignment, eq. (5); False = w/o ILA
-    fla: bool = True  # feature-level alignment, eqs. (6-10); False = w/o FLA
-    curriculum: bool = True  # False = w/o CLS: w1 fixed at (w_max + w_min) / 2
-    pop_groups: bool = True  # False = w/o PG: FLA over the batch as one group
-    tau: float = 0.05  # InfoNCE temperature: lower sharpens on hard negatives, noisier gradients
-    lambda_: float = 0.005  # Barlow Twins redundancy weight, eq. (9) (external name "lambda")
-    alpha: float = 0.2  # weight of the alignment loss, eq. (14)
-    w_max: float = 1.0  # upper bound of the ILA weight w1, eq. (11)
-    w_min: float = 0.9  # lower bound of w1: FLA's weight never exceeds 1 - w_min
-    period: int = 30  # curriculum period T in epochs
-    bce_items: str = "fused"  # item embeddings scored by BCE: "fused" (gate output) or "id" (the code); paper silent
-    score_llm_weight: float = 0.5  # share of proj(e_llm) in the scoring item matrix; 0.5 = the paper's equal weights
-    score_layernorm: bool = False  # LayerNorm on the scoring item matrix (the code's choice)
-    align_items: str = "unique"  # alignment over each distinct batch item once, or every "occurrence" (the code)
+class PreparedInput(nn.Module):
+    """A backbone input layer for sequences FAERec has already embedded (input_path "code"):
+    it only zeroes the padded positions; `embed` is the packed path's no-op."""
 
-    def __post_init__(self):
-        if self.dropout is None:
-            self.dropout = 0.4 if self.method == "faerec" else 0.5
-        choices = {"method": ("faerec", "base"), "backbone": tuple(BACKBONES), "gate": ("paper", "code"),
-                   "bce_items": ("fused", "id"), "align_items": ("unique", "occurrence")}
-        for name, allowed in choices.items():
-            _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {', '.join(allowed)}")
-        for name in ("hidden_size", "num_layers", "num_heads", "max_len", "proj_hidden", "period"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        for name in ("dropout", "proj_dropout"):
-            _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
-        if self.backbone == "sasrec":
-            _require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
-                     f"a divisor of hidden_size {self.hidden_size}")
-        _require(self.tau > 0, "tau", self.tau, "> 0")
-        _require(self.lambda_ >= 0, "lambda", self.lambda_, ">= 0")
-        _require(self.alpha >= 0, "alpha", self.alpha, ">= 0")
-        _require(0 <= self.w_max <= 1, "w_max", self.w_max, "in [0, 1]")
-        _require(0 <= self.w_min <= self.w_max, "w_min", self.w_min, f"in [0, w_max = {self.w_max}]")
-        _require(0 <= self.score_llm_weight <= 1, "score_llm_weight", self.score_llm_weight, "in [0, 1]")
+    def __init__(self, max_len):
+        super().__init__()
+        self.max_len = max_len
 
+    def embed(self, x, recency):
+        return x
 
-def _require(ok, name, value, expected):
-    if not ok:
-        raise ConfigError(f"{name}: must be {expected}, got {value!r}")
+    def forward(self, x, mask):
+        return x * mask.unsqueeze(-1)
 
 
 def init_weights(module):
-    """normal(0, 0.02) for linear and embedding weights, zero biases and padding row (the paper's code)."""
+    """normal(0, 0.02) for linear and embedding weights, zero biases and padding row.
+
+    The authors' code does this for the backbone and the ID table; it builds the projection
+    and the gate afterwards, so they keep PyTorch's default init (and a zero bias on the gate's
+    last layer). The paper says nothing; here every layer gets this init.
+    """
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -263,17 +227,39 @@ class FAERec(SequentialRecommender):
             with torch.no_grad():
                 self.id_embedding.weight[1:] = pca
         self.curriculum = CurriculumSchedule(cfg.w_max, cfg.w_min, cfg.period, cfg.curriculum)
+        if cfg.input_path == "code":
+            # The authors' layout (their models.py 32-50): the input layer's position embedding
+            # and dropout go on each branch before the gate, its LayerNorm (eps 1e-12 there)
+            # after it; the backbone then takes the fused sequence as it is.
+            self.code_input = self.backbone.input
+            self.code_input.norm.eps = 1e-12
+            self.backbone.input = PreparedInput(cfg.max_len)
+
+    def fuse(self, e_id, e_llm):
+        return self.fusion(e_id, e_llm) if self.fusion is not None else (e_id + e_llm) / 2
 
     def item_embeddings(self, ids):
         """(K,) ids -> e_id, e_llm (eq. 2), fused f (eqs. 3-4), each (K, d)."""
         e_id = self.id_embedding(ids)
         e_llm = self.projection(self.llm_embedding[ids])
-        f = self.fusion(e_id, e_llm) if self.fusion is not None else (e_id + e_llm) / 2
-        return e_id, e_llm, f
+        return e_id, e_llm, self.fuse(e_id, e_llm)
+
+    def code_input_sequence(self, input_ids, e_id, e_llm):
+        """input_path "code": LayerNorm(gate(Dropout(e_id + pos), Dropout(e_llm + pos))), (B, L, d) each."""
+        layer = self.code_input
+        L = input_ids.size(1)
+        if layer.position is not None:  # LRURec has none
+            position = layer.position(torch.arange(L - 1, -1, -1, device=input_ids.device))  # recency, (L, d)
+            e_id, e_llm = e_id + position, e_llm + position
+        fused = self.fuse(layer.dropout(e_id), layer.dropout(e_llm))
+        return layer.norm(fused) * (input_ids != 0).unsqueeze(-1)
 
     def sequence_embeddings(self, input_ids):
         ids, inverse = torch.unique(input_ids, return_inverse=True)  # (K,), (B, L)
-        return self.item_embeddings(ids)[2][inverse]  # (B, L, d)
+        e_id, e_llm, f = self.item_embeddings(ids)
+        if self.cfg.input_path == "code":
+            return self.code_input_sequence(input_ids, e_id[inverse], e_llm[inverse])
+        return f[inverse]  # (B, L, d)
 
     def scoring_items(self):
         return self.item_tables()[1]
@@ -282,22 +268,30 @@ class FAERec(SequentialRecommender):
         """The fused input table f (eqs. 3-4) and the scoring matrix (1 - w) e_id + w proj(e_llm)
         (sec. 4.3, w = score_llm_weight) of every item, from one projection of the LLM table.
 
-        score_layernorm: LayerNorm without affine parameters (they would never be trained:
-        scoring runs only at evaluation); at w = 0.5 it equals the code's LayerNorm(e_id + proj(e_llm)).
+        score_layernorm (the authors' trainers.py 224-235): the trained input LayerNorm (its
+        learned gain and bias) on 2 ((1 - w) e_id + w proj(e_llm)), which at w = 0.5 is the
+        code's LayerNorm(e_id + proj(e_llm)) exactly (the factor 2 matters through the eps).
         """
         e_id, e_llm, f = self.item_embeddings(torch.arange(len(self.llm_embedding), device=self.llm_embedding.device))
         w = self.cfg.score_llm_weight
         items = (1 - w) * e_id + w * e_llm  # (n + 1, d)
-        return f, F.layer_norm(items, items.shape[-1:]) if self.cfg.score_layernorm else items
+        if self.cfg.score_layernorm:
+            items = (self.code_input if self.cfg.input_path == "code" else self.backbone.input).norm(2 * items)
+        # input_path "code" adds positions before the gate: no per-item input table then
+        return (None if self.cfg.input_path == "code" else f), items
 
     def loss(self, input_ids, pos_ids, neg_ids, epoch):
         cfg = self.cfg
         ids, inverse = torch.unique(torch.stack([input_ids, pos_ids, neg_ids]), return_inverse=True)  # (K,), (3, B, L)
         e_id, e_llm, f = self.item_embeddings(ids)  # (K, d) each
         scored = f if cfg.bce_items == "fused" else e_id
-        rec = self.rec_loss(input_ids, pos_ids, f[inverse[0]], scored[inverse[1]], scored[inverse[2]])
+        if cfg.input_path == "code":
+            seq = self.code_input_sequence(input_ids, e_id[inverse[0]], e_llm[inverse[0]])
+        else:
+            seq = f[inverse[0]]
+        rec = self.rec_loss(input_ids, pos_ids, seq, scored[inverse[1]], scored[inverse[2]])
 
-        # Alignment items: the real input items plus the sampled negatives (the paper's code).
+        # Alignment items: the real input items plus the sampled negatives (the authors' code).
         rows = torch.cat([inverse[0][input_ids != 0], inverse[2][neg_ids != 0]])  # indices into ids
         if cfg.align_items == "unique":
             rows = rows.unique()

@@ -1,4 +1,4 @@
-"""Item text -> LLM embeddings (paper Sec. 3.1): prompts, encoders, disk cache, PCA.
+"""Item texts -> LLM embeddings (paper Sec. 3.1): encoders, disk cache, PCA.
 
 FAERec embeds one prompt per item with a frozen text encoder (the paper: OpenAI
 text-embedding-3-small on prompts cut at 4095 characters) and initialises the ID
@@ -11,141 +11,22 @@ import hashlib
 import http.client
 import json
 import logging
-import numbers
 import os
-import string
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
-import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from model.cache import atomic_write, cache_root
+from model.config import EmbeddingConfig
+from model.datasets import read_npy
 from model.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-UNKNOWN = "unknown"  # what the prompt says for a missing field, so every item gets a full sentence
-
-
-def template_fields(template: str) -> set[str]:
-    """The `{field}` names used by a prompt template (`{{`/`}}` are literal braces)."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ConfigError(f"prompt template {template!r} is malformed: {e}") from None
-    fields = set()
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        # only plain `{column}` is supported: positional, attribute and format specs would
-        # make a column name do something surprising
-        if not name.isidentifier() or spec or conversion:
-            raise ConfigError(f"prompt template {template!r}: placeholder {{{name}}} "
-                              "must be a plain column name like {title}")
-        fields.add(name)
-    return fields
-
-
-def _is_missing(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, numbers.Number) and value != value:  # NaN: pandas' empty cell
-        return True
-    if isinstance(value, str | list | tuple) and len(value) == 0:
-        return True
-    return isinstance(value, str) and not value.strip()
-
-
-def _field_text(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, list | tuple):
-        value = ", ".join(str(v) for v in value if not _is_missing(v))
-    return UNKNOWN if _is_missing(value) else str(value)
-
-
-def render_prompt(template: str, fields: Mapping[str, object], max_chars: int = 4095) -> str:
-    """Fill `{field}` placeholders; missing/None/NaN/empty -> "unknown"; cut at `max_chars`
-    (the paper truncates prompts to 4095 characters before embedding)."""
-    values = {name: _field_text(fields.get(name)) for name in template_fields(template)}
-    return template.format_map(values)[:max_chars]
-
-
-# ----------------------------------------------------------------------------- config
-
-ENCODERS = ("auto", "minilm", "sentence-transformers", "npy", "openai", "random")
-
-
-@dataclass(frozen=True)
-class EmbeddingConfig:
-    # "auto": the dataset's precomputed .npy if it has one, else minilm
-    encoder: str = "auto"
-    # sentence-transformers: a local model folder (never downloaded)
-    model_path: str | None = None
-    # npy: an (n_items, d_llm) file, row i-1 = item i (the paper's itm_emb_np.npy)
-    path: str | None = None
-    # openai: the full endpoint, e.g. https://api.openai.com/v1/embeddings
-    url: str | None = None
-    # openai: e.g. text-embedding-3-small (the paper's encoder)
-    model: str | None = None
-    # openai: the NAME of the variable holding the key; variable unset = no key (local servers)
-    api_key_env: str = "OPENAI_API_KEY"
-    batch_size: int = 64              # texts per forward pass / per request
-    max_retries: int = 5              # openai: on 429, 5xx, connection errors; waits 0.5 s * 2^n
-    timeout_s: float = 60.0           # openai: per request
-    dim: int = 1536                   # random: width of the stand-in (ada-002 is 1536-d)
-    seed: int = 0                     # random: generator seed
-    # None: $FAEREC_CACHE or <repo>/.cache; embeddings go to <cache_dir>/embeddings/
-    cache_dir: str | None = None
-
-
-def embedding_config_from_dict(d: Mapping[str, object], source: str) -> EmbeddingConfig:
-    """Validate the `embedding:` settings once; errors name `source`, the field and the value."""
-    known = {f.name: f for f in dataclasses.fields(EmbeddingConfig)}
-    for key in d:
-        if key not in known:
-            raise ConfigError(f"{source}: unknown embedding setting {key!r} "
-                              f"(known: {', '.join(known)})")
-    for key, value in d.items():
-        _check_type(source, key, value, known[key].type)
-    cfg = EmbeddingConfig(**d)
-
-    def bad(field: str, why: str) -> ConfigError:
-        return ConfigError(f"{source}: {field}={getattr(cfg, field)!r}: {why}")
-
-    if cfg.encoder not in ENCODERS:
-        raise bad("encoder", f"must be one of {', '.join(ENCODERS)}")
-    for field, low in (("batch_size", 1), ("max_retries", 0), ("dim", 1)):
-        if getattr(cfg, field) < low:
-            raise bad(field, f"must be >= {low}")
-    if cfg.timeout_s <= 0:
-        raise bad("timeout_s", "must be > 0")
-    if cfg.encoder == "npy" and not (cfg.path and Path(cfg.path).is_file()):
-        raise bad("path", "encoder npy needs `path`, an existing .npy file")
-    if cfg.encoder == "sentence-transformers" and not (
-            cfg.model_path and Path(cfg.model_path).is_dir()):
-        raise bad("model_path",
-                  "encoder sentence-transformers needs `model_path`, an existing model folder")
-    if cfg.encoder == "openai":
-        if not (cfg.url and cfg.url.startswith(("http://", "https://"))):
-            raise bad("url", "encoder openai needs `url`, an http(s):// embeddings endpoint")
-        if not cfg.model:
-            raise bad("model", "encoder openai needs `model`, e.g. text-embedding-3-small")
-    return cfg
-
-
-def _check_type(source: str, key: str, value: object, annotation: str) -> None:
-    # annotations are strings ("int", "str | None"): `from __future__ import annotations`
-    if value is None and "None" in annotation:
-        return
-    wanted = {"int": int, "float": (int, float), "str": str}[annotation.split(" |")[0]]
-    if isinstance(value, bool) or not isinstance(value, wanted):
-        raise ConfigError(f"{source}: {key}={value!r}: must be {annotation}")
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -266,26 +147,6 @@ def _check_finite(rows: np.ndarray, what: Callable[[int], str]) -> None:
                         f"({len(bad)} bad rows in all)")
 
 
-def load_npy(path: str, n_items: int) -> np.ndarray:
-    """A precomputed (n_items, d_llm) matrix, row i-1 = item i, checked before any training."""
-    try:
-        emb = np.load(path, allow_pickle=False)  # a pickled file could run code: refuse it
-    except (OSError, ValueError) as e:
-        raise DataError(f"embedding file {path}: cannot read it as a plain .npy array "
-                        f"({e})") from None
-    if emb.ndim != 2:
-        raise DataError(f"embedding file {path}: expected a 2-D array (n_items, d_llm), "
-                        f"got shape {emb.shape}")
-    if len(emb) != n_items:
-        raise DataError(f"embedding file {path}: expected {n_items} rows (one per item), "
-                        f"got {len(emb)}")
-    if not np.issubdtype(emb.dtype, np.number):
-        raise DataError(f"embedding file {path}: expected numbers, got dtype {emb.dtype}")
-    emb = emb.astype(np.float32, copy=False)
-    _check_finite(emb, lambda row: f"embedding file {path}: row {row} (item {row + 1})")
-    return emb
-
-
 # ----------------------------------------------------------------------------- disk cache
 # One folder per encoder identity holding shards <uuid>.npz = {keys: sha256 hex of
 # identity + text, rows: float32}. Shards are only ever added, each written atomically
@@ -295,26 +156,15 @@ def load_npy(path: str, n_items: int) -> np.ndarray:
 SHARD_TEXTS = 4096  # texts per shard: a crash loses at most this much (paid) work
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FAEREC_CACHE") or Path(__file__).resolve().parent.parent / ".cache")
-
-
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """`write(file)`, then rename into place: readers see the whole file or none of it."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def cached_text_embeddings(texts: list[str], identity: str,
-                           encode: Encode, cache_dir: Path) -> np.ndarray:
-    """Embed `texts`, calling `encode` only for texts this identity has never embedded."""
-    folder = cache_dir / "embeddings" / _sha256(identity)[:16]
+                           encode: Encode, folder: Path) -> np.ndarray:
+    """Embed `texts`, calling `encode` only for texts this identity has never embedded
+    (cached under `folder`/embeddings)."""
+    folder = folder / "embeddings" / _sha256(identity)[:16]
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "identity.txt").exists():
         (folder / "identity.txt").write_text(identity + "\n")  # for humans; holds no secret
@@ -336,7 +186,7 @@ def cached_text_embeddings(texts: list[str], identity: str,
                             f"for {len(chunk)} texts")
         _check_finite(rows, lambda i: f"encoder {identity}: the embedding of "
                                       f"{chunk_texts[i][:80]!r}")
-        _atomic_write(folder / f"{uuid.uuid4().hex}.npz",
+        atomic_write(folder / f"{uuid.uuid4().hex}.npz",
                       lambda f: np.savez(f, keys=np.array(chunk), rows=rows))
         cached.update(zip(chunk, rows))
     return np.stack([cached[k] for k in keys])
@@ -351,7 +201,7 @@ def item_embeddings(data, cfg: EmbeddingConfig) -> np.ndarray:
     path = cfg.path or data.embeddings_path
     encoder = cfg.encoder if cfg.encoder != "auto" else ("npy" if path else "minilm")
     if encoder == "npy":
-        return load_npy(path, data.n_items)
+        return read_npy(path, data.n_items)
     if encoder == "random":  # a stand-in for speed benchmarks on datasets without text
         rng = np.random.default_rng(cfg.seed)
         return rng.standard_normal((data.n_items, cfg.dim), dtype=np.float32)
@@ -362,8 +212,7 @@ def item_embeddings(data, cfg: EmbeddingConfig) -> np.ndarray:
         raise DataError(f"dataset {data.name}: {len(data.item_texts)} item texts "
                         f"for {data.n_items} items")
     identity, encode = _text_encoder(encoder, cfg)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return cached_text_embeddings(list(data.item_texts), identity, encode, cache_dir)
+    return cached_text_embeddings(list(data.item_texts), identity, encode, cache_root(cfg.cache_dir))
 
 
 def pca_embeddings(emb: np.ndarray, d: int, cache_dir: str | Path | None = None) -> np.ndarray:
@@ -373,7 +222,7 @@ def pca_embeddings(emb: np.ndarray, d: int, cache_dir: str | Path | None = None)
     the result deterministic (sklearn's default switches to randomized SVD on large inputs)."""
     from sklearn.decomposition import PCA
 
-    folder = Path(cache_dir or default_cache_dir()) / "embeddings"
+    folder = cache_root(cache_dir) / "embeddings"
     digest = hashlib.sha256(np.ascontiguousarray(emb).tobytes())
     digest.update(f"{emb.shape}|{emb.dtype}|{d}".encode())
     path = folder / f"pca-{digest.hexdigest()[:32]}.npy"
@@ -383,5 +232,5 @@ def pca_embeddings(emb: np.ndarray, d: int, cache_dir: str | Path | None = None)
     out = np.zeros((emb.shape[0], d), dtype=np.float32)
     out[:, :k] = PCA(n_components=k, svd_solver="full").fit_transform(emb)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: np.save(f, out))
+    atomic_write(path, lambda f: np.save(f, out))
     return out

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,108 +23,13 @@ import numpy as np
 import torch
 import yaml
 
+from model.config import (SETTING_NAMES, EmbeddingConfig, FAERecConfig, TrainConfig,
+                          embedding_config_from_dict, settings_from_dict, settings_to_dict)
 from model.data import SequenceData, load_dataset, pad_left, resolve_dataset
 from model.errors import ConfigError
-from model.faerec import FAERecConfig, build_model
+from model.faerec import build_model
 from model.metrics import RankingEvaluator
-from model.text import EmbeddingConfig, embedding_config_from_dict, item_embeddings, pca_embeddings
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 200                # upper bound; early stopping usually ends sooner
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 42
-    patience: int = 10               # validations without improvement before stopping...
-    patience_min_steps: int = 400    # ...but never before this many optimiser steps without one:
-                                     # ML-100K has 4 steps/epoch, and SASRec sits on a popularity
-                                     # plateau (tail HR@10 = 0) for 30+ epochs before it improves
-    eval_every: int = 1              # validate every k epochs
-    select_metric: str = "val/overall/ndcg_20"  # the paper's early-stopping metric
-    eval_batch_size: int = 512
-    num_threads: int = 0             # CPU threads for torch; 0 = torch's default
-    device: str = "auto"             # auto = cuda when a GPU is visible, else cpu
-    autocast: bool = False           # bf16 autocast of the training step (GPUs, CPUs with AMX or
-                                     # AVX-512 BF16); evaluation stays float32 so ranks are exact
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "patience", "eval_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
-        for name in ("patience_min_steps", "num_threads", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr!r}")
-        parts = self.select_metric.split("/")
-        if len(parts) != 3 or parts[0] != "val":
-            raise ConfigError(f"select_metric: must be a validation metric like "
-                              f"'val/overall/ndcg_20', got {self.select_metric!r}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ConfigError(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
-
-
-# ---------------------------------------------------------------------------------------
-# Settings: one flat namespace over FAERecConfig and TrainConfig, as `--set key=value` and
-# search-space params address them. `lambda` is a Python keyword, so the field is `lambda_`.
-
-_EXTERNAL = {"lambda_": "lambda"}
-_FIELDS = {_EXTERNAL.get(f.name, f.name): (cls, f.name)
-           for cls in (FAERecConfig, TrainConfig) for f in dataclasses.fields(cls)}
-SETTING_NAMES: tuple[str, ...] = tuple(sorted(_FIELDS))
-
-
-def _coerce(value, hint, where: str):
-    """Check `value` against a field's type hint (int accepted for float, None for Optional)."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-
-
-def settings_from_dict(settings: dict, source: str) -> tuple[FAERecConfig, TrainConfig]:
-    """Validate flat settings once, at the edge; errors name `source`, the key and the value."""
-    values: dict[type, dict] = {FAERecConfig: {}, TrainConfig: {}}
-    for key, value in settings.items():
-        if key not in _FIELDS:
-            raise ConfigError(f"{source}: unknown setting {key!r}; known settings: "
-                              f"{', '.join(SETTING_NAMES)}")
-        cls, name = _FIELDS[key]
-        hints = typing.get_type_hints(cls)
-        values[cls][name] = _coerce(value, hints[name], f"{source}: {key}")
-    try:
-        return FAERecConfig(**values[FAERecConfig]), TrainConfig(**values[TrainConfig])
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def settings_to_dict(model_cfg: FAERecConfig, train_cfg: TrainConfig) -> dict:
-    """The inverse of `settings_from_dict`: the resolved flat settings, for logging."""
-    out = {}
-    for cfg in (model_cfg, train_cfg):
-        for f in dataclasses.fields(cfg):
-            out[_EXTERNAL.get(f.name, f.name)] = getattr(cfg, f.name)
-    return out
+from model.text import item_embeddings, pca_embeddings
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,11 +56,20 @@ class TrainBatches:
     Each training sequence x = seq[:-2] gives input x[:-1] and target x[1:] (reference
     code: items[:-3] -> items[1:-2]). One negative per position is drawn uniformly from
     the items the user never interacted with (whole sequence, as the reference code).
+    Users with exactly 2 items are never evaluated; two_item_users="pair" trains them on
+    their one pair (items[0] -> items[1], the code's datasets.py 83-89), "drop" leaves them out.
+    batch_all_users keeps a row for every other user too, all padding (1 or 3 items: nothing
+    to train), as the code's DataLoader does: fewer real users per batch, more batches.
     """
 
-    def __init__(self, data: SequenceData, max_len: int, rng: np.random.Generator):
-        users = [u for u, s in enumerate(data.sequences) if len(s) >= 4]  # len(seq[:-2]) >= 2
-        train = [data.sequences[u][:-2] for u in users]
+    def __init__(self, data: SequenceData, max_len: int, rng: np.random.Generator,
+                 two_item_users: str = "drop", batch_all_users: bool = False):
+        def trained(seq):  # what the user trains on: seq[:-2], or a 2-item user's pair
+            return seq[:-2] if len(seq) >= 4 else seq if len(seq) == 2 and two_item_users == "pair" else None
+
+        users = [u for u, s in enumerate(data.sequences) if batch_all_users or trained(s) is not None]
+        train = [trained(data.sequences[u]) for u in users]
+        train = [x if x is not None else np.zeros(0, np.int64) for x in train]
         self.inputs = pad_left([x[:-1] for x in train], max_len)   # (U, L)
         self.targets = pad_left([x[1:] for x in train], max_len)   # (U, L)
         self.n_items = data.n_items
@@ -189,6 +101,8 @@ class TrainBatches:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             inputs, targets = self.inputs[rows], self.targets[rows]
+            if not targets.any():  # only padding rows (batch_all_users): no loss to take
+                continue
             negatives = self.sample_negatives(rows, targets.shape) * (targets > 0)
             yield inputs, targets, negatives
 
@@ -288,6 +202,50 @@ def make_optimizer(model, train_cfg: TrainConfig) -> torch.optim.Optimizer:
                             fused=True)
 
 
+def build(inputs: Inputs, model_cfg: FAERecConfig, device: torch.device,
+          cache_dir: str | None = None) -> torch.nn.Module:
+    """The model `model_cfg` names, on `device` (FAERec: LLM table, PCA init, popularity)."""
+    llm = pca = None
+    if model_cfg.method == "faerec":
+        if inputs.llm_embeddings is None:
+            raise ConfigError("method faerec needs LLM item embeddings; none were loaded")
+        llm = torch.tensor(inputs.llm_embeddings, dtype=torch.float32)  # a writable copy
+        if model_cfg.pca_init:
+            pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size,
+                                                 cache_dir))
+    popularity = torch.tensor(inputs.data.train_popularity)
+    return build_model(model_cfg, inputs.data.n_items, llm, pca, popularity).to(device)
+
+
+def train_epoch(model, optimizer, batches: TrainBatches, batch_size: int, epoch: int,
+                device: torch.device, autocast: bool = False) -> dict[str, float]:
+    """One pass over the training users; the mean of each loss part as `train/...`."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for arrays in batches.epoch(batch_size):
+        batch = [torch.as_tensor(a, device=device) for a in arrays]
+        # the curriculum's t counts completed epochs: the first epoch uses w1(0) = w_max
+        parts = train_step(model, optimizer, batch, epoch - 1, autocast)
+        steps += 1
+        for k, v in parts.items():
+            sums[k] = sums[k] + v if k in sums else v
+    metrics = {f"train/{k}": float(v) / steps for k, v in sums.items()}
+    if not math.isfinite(metrics["train/loss"]):
+        raise FloatingPointError(f"training loss is {metrics['train/loss']} at epoch {epoch}")
+    return metrics
+
+
+def validates(epoch: int, cfg: TrainConfig) -> bool:
+    """Validation runs every eval_every epochs after the first min_epochs, and at the last."""
+    return epoch == cfg.epochs or (epoch > cfg.min_epochs and epoch % cfg.eval_every == 0)
+
+
+def patience_in_validations(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Patience counted in validations, stretched so it spans at least patience_min_steps."""
+    return max(cfg.patience, math.ceil(cfg.patience_min_steps / (steps_per_epoch * cfg.eval_every)))
+
+
 def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
         on_epoch: Callable[[EpochRecord, Callable[[], dict]], None] | None = None,
         resume: dict | None = None, test_on_improvement: bool = False,
@@ -307,26 +265,16 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
     torch.manual_seed(train_cfg.seed)
     rng = np.random.default_rng(train_cfg.seed)
     data = inputs.data
-
-    llm = pca = None
-    if model_cfg.method == "faerec":
-        if inputs.llm_embeddings is None:
-            raise ConfigError("method faerec needs LLM item embeddings; none were loaded")
-        llm = torch.tensor(inputs.llm_embeddings, dtype=torch.float32)  # a writable copy
-        if model_cfg.pca_init:
-            pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size,
-                                                 cache_dir))
-    popularity = torch.tensor(data.train_popularity)
-    model = build_model(model_cfg, data.n_items, llm, pca, popularity).to(device)
+    model = build(inputs, model_cfg, device, cache_dir)
     optimizer = make_optimizer(model, train_cfg)
-
-    batches = TrainBatches(data, model_cfg.max_len, rng)
+    batches = TrainBatches(data, model_cfg.max_len, rng, train_cfg.two_item_users,
+                           train_cfg.batch_all_users)
     val_split = EvalSplit.build(data, "val", model_cfg.max_len)
     test_split = EvalSplit.build(data, "test", model_cfg.max_len)
-    steps_per_epoch = math.ceil(len(batches) / train_cfg.batch_size)
-    # Patience counted in validations, stretched so it spans at least patience_min_steps.
-    patience = max(train_cfg.patience,
-                   math.ceil(train_cfg.patience_min_steps / (steps_per_epoch * train_cfg.eval_every)))
+    patience = patience_in_validations(train_cfg, math.ceil(len(batches) / train_cfg.batch_size))
+
+    def test() -> dict[str, float]:
+        return evaluate(model, test_split, data, "test", train_cfg.eval_batch_size, device)
 
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "best_val": {},
              "best_test": {}, "best_model": None, "bad_evals": 0, "history": []}
@@ -345,21 +293,12 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
     stopped_early = False
     for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):
         tic = time.perf_counter()
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        for arrays in batches.epoch(train_cfg.batch_size):
-            batch = [torch.as_tensor(a, device=device) for a in arrays]
-            # the curriculum's t counts completed epochs: the first epoch uses w1(0) = w_max
-            parts = train_step(model, optimizer, batch, epoch - 1, train_cfg.autocast)
-            for k, v in parts.items():
-                sums[k] = sums[k] + v if k in sums else v
-        metrics = {f"train/{k}": float(v) / steps_per_epoch for k, v in sums.items()}
-        if not math.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(f"training loss is {metrics['train/loss']} at epoch {epoch}")
+        metrics = train_epoch(model, optimizer, batches, train_cfg.batch_size, epoch, device,
+                              train_cfg.autocast)
         metrics["time/train_epoch_s"] = time.perf_counter() - tic
 
         improved = False
-        if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs:
+        if validates(epoch, train_cfg):
             tic = time.perf_counter()
             val = evaluate(model, val_split, data, "val", train_cfg.eval_batch_size, device)
             metrics.update(val)
@@ -370,8 +309,7 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
                              best_val=val, bad_evals=0,
                              best_model=copy.deepcopy(model.state_dict()))
                 if test_on_improvement:
-                    state["best_test"] = evaluate(model, test_split, data, "test",
-                                                  train_cfg.eval_batch_size, device)
+                    state["best_test"] = test()
             else:
                 state["bad_evals"] += 1
         metrics["time/epoch_s"] = metrics["time/train_epoch_s"] + metrics.get("time/eval_s", 0.0)
@@ -388,11 +326,10 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
 
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
-    test = state["best_test"] or evaluate(model, test_split, data, "test",
-                                          train_cfg.eval_batch_size, device)
-    return FitResult(best_epoch=state["best_epoch"], val=state["best_val"], test=test,
-                     history=state["history"], epochs_run=state["epoch"],
-                     stopped_early=stopped_early, seconds=time.perf_counter() - started,
+    return FitResult(best_epoch=state["best_epoch"], val=state["best_val"],
+                     test=state["best_test"] or test(), history=state["history"],
+                     epochs_run=state["epoch"], stopped_early=stopped_early,
+                     seconds=time.perf_counter() - started,
                      settings=settings_to_dict(model_cfg, train_cfg))
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.data import (POPULARITY_GROUPS, REPO_ROOT, SequenceData, dataset_config_from_dict,
-                        load_dataset, main, pad_left, resolve_dataset)
+from model.config import PROJECT_ROOT as REPO_ROOT
+from model.config import dataset_config_from_dict, resolve_dataset
+from model.data import POPULARITY_GROUPS, SequenceData, load_dataset, main, pad_left
 from model.datasets import ML100K_MEMBER
 from model.errors import ConfigError, DataError
 
@@ -171,11 +172,11 @@ def test_faerec_keeps_paper_ids_and_validates_embeddings(tmp_path, load):
     assert data.embeddings_path == str(tmp_path / "emb.npy")
 
     for name, array, message in [
-            ("rows.npy", np.zeros((3, 2), np.float32), r"shape \(3, 2\), expected \(4, d\)"),
-            ("flat.npy", np.zeros(4, np.float32), r"shape \(4,\), expected \(4, d\)"),
+            ("rows.npy", np.zeros((3, 2), np.float32), r"dataset.embeddings: expected 4 rows .*got 3"),
+            ("flat.npy", np.zeros(4, np.float32), r"expected a 2-D array .*got shape \(4,\)"),
             ("nan.npy", np.array([[0, 0], [0, 0], [np.nan, 0], [0, 0]]),
-             "row 2 .item 3. is not finite"),
-            ("objects.npy", np.array([[{}], [{}], [{}], [{}]], dtype=object), "not a numpy"),
+             r"row 2 \(item 3\) has a NaN"),
+            ("objects.npy", np.array([[{}], [{}], [{}], [{}]], dtype=object), "not .*plain .npy"),
     ]:
         np.save(tmp_path / name, array, allow_pickle=True)
         with pytest.raises(DataError, match=message) as e:
@@ -397,26 +398,28 @@ def test_cache_hit_invalidation_on_file_and_setting_change(tmp_path, load):
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("settings, message", [
-    ({"fromat": "csv"}, r"test.yaml: unknown dataset setting 'fromat'; allowed: format, name"),
-    ({"format": "parquet"}, r"dataset.format = 'parquet'; allowed: ml-100k, faerec"),
-    ({"min_user_interactions": "5"}, r"dataset.min_user_interactions = '5' must be int"),
-    ({"min_item_interactions": True}, r"dataset.min_item_interactions = True must be int"),
-    ({"format": "csv", "interactions": 3}, r"dataset.interactions = 3 must be str or null"),
+    ({"fromat": "csv"}, r"test.yaml: dataset: unknown dataset setting 'fromat' \(did you mean "
+                        r"'format'\?\); allowed: format, name"),
+    ({"format": "parquet"}, r"dataset.format: must be one of ml-100k, faerec.*got 'parquet'"),
+    ({"min_user_interactions": "5"}, r"dataset.min_user_interactions: expected an integer, got '5'"),
+    ({"min_item_interactions": True}, r"dataset.min_item_interactions: expected an integer, got True"),
+    ({"format": "csv", "interactions": 3}, r"dataset.interactions: expected a string or null, got 3"),
     ({"format": "csv", "interactions": "a.csv", "text_columns": "title"},
-     r"dataset.text_columns = 'title' must be a list"),
-    ({"format": "faerec"}, r"format 'faerec' needs dataset.interactions"),
+     r"dataset.text_columns: expected a list of strings, got 'title'"),
+    ({"format": "faerec"}, r"dataset.interactions: format 'faerec' needs a file path"),
     ({"format": "csv", "interactions": "a.csv", "date_start": "2001-01-01"},
-     r"dataset.date_start = '2001-01-01' is not used by format 'csv'"),
+     r"dataset.date_start: is not used by format 'csv' .*got '2001-01-01'"),
     ({"format": "faerec", "interactions": "a.txt", "min_item_interactions": 5},
-     r"dataset.min_item_interactions = 5 is not used by format 'faerec'"),
-    ({"min_sequence_length": 2}, r"dataset.min_sequence_length = 2 must be >= 3"),
+     r"dataset.min_item_interactions: is not used by format 'faerec' .*got 5"),
+    ({"min_sequence_length": 2}, r"dataset.min_sequence_length: must be >= 3, got 2"),
     ({"format": "yelp", "interactions": "r.json", "date_end": "20191231"},
-     r"dataset.date_end = .20191231. is not a YYYY-MM-DD date"),
+     r"dataset.date_end: is not a YYYY-MM-DD date, got '20191231'"),
     ({"format": "amazon", "interactions": "r.json", "prompt_template": "name is {name}"},
-     r"dataset.prompt_template uses \{name\}; format 'amazon' has: brand, categories"),
-    ({"prompt_template": "{title!r}"}, r"dataset.prompt_template/text_columns: .*plain column"),
+     r"dataset.prompt_template: uses \{name\}; format 'amazon' has: brand, categories"),
+    ({"prompt_template": "{title!r}"}, r"dataset.prompt_template: \(or text_columns\): .*plain column"),
     ({"format": "csv", "interactions": "a.csv", "prompt_template": "{title}"},
      r"need dataset.items"),
+    ({"min_item_interactions": float("inf")}, r"dataset.min_item_interactions: expected an integer, got inf"),
 ])
 def test_bad_settings_name_source_field_and_value(settings, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -484,7 +487,7 @@ def test_resolve_dataset_yaml_section_relative_paths_and_errors(tmp_path, load):
         resolve_dataset("nope")
     with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
         resolve_dataset(write(tmp_path / "bad.yaml", "dataset: [\n"))
-    with pytest.raises(ConfigError, match=r"top.yaml: unknown dataset setting 'metric'"):
+    with pytest.raises(ConfigError, match=r"top.yaml: dataset: unknown dataset setting 'metric'"):
         resolve_dataset(write(tmp_path / "top.yaml", "metric: x\nformat: csv\n"))
 
 

@@ -252,11 +252,16 @@ def test_base_model():
     assert set(tiny_model().loss(*tiny_batch(), epoch=0)) == {"loss", "rec", "ila", "fla", "align", "w_ila"}
 
 
-@pytest.mark.parametrize("overrides", [{"method": "base"}, {}, {"score_llm_weight": 0.3, "score_layernorm": True}])
+@pytest.mark.parametrize("overrides", [{"method": "base"}, {}, {"score_llm_weight": 0.3, "score_layernorm": True},
+                                       {"score_layernorm": True, "input_path": "code"}])
 def test_score_all(overrides):
     model = tiny_model(**overrides).eval()
     inputs = tiny_batch()[0]
     with torch.no_grad():
+        if overrides.get("score_layernorm"):  # trained gain and bias, as if learned: scoring must use them
+            norm = (model.code_input if overrides.get("input_path") == "code" else model.backbone.input).norm
+            gain, bias = torch.rand(D) + 0.5, torch.randn(D)
+            norm.weight.copy_(gain), norm.bias.copy_(bias)
         scores = model.score_all(inputs)
         torch.testing.assert_close(model.score_all(inputs, items=model.scoring_items()), scores)
         table, items = model.item_tables()  # evaluation's path: every item embedded once
@@ -267,8 +272,9 @@ def test_score_all(overrides):
         else:
             w = overrides.get("score_llm_weight", 0.5)
             items = (1 - w) * model.id_embedding.weight + w * model.projection(model.llm_embedding)
-            if overrides.get("score_layernorm"):
-                items = (items - items.mean(1, keepdim=True)) / torch.sqrt(items.var(1, unbiased=False, keepdim=True) + 1e-5)
+            if overrides.get("score_layernorm"):  # the code's LayerNorm(e_id + proj(e_llm)) at w = 0.5, by hand
+                x, eps = 2 * items, (1e-12 if overrides.get("input_path") == "code" else 1e-5)
+                items = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + eps) * gain + bias
     assert scores.shape == (4, N_ITEMS + 1)
     assert (scores[:, 0] == -torch.inf).all()
     torch.testing.assert_close(scores[:, 1:], (h @ items.T)[:, 1:])
@@ -346,3 +352,31 @@ def test_overfits_a_tiny_deterministic_dataset(method, backbone):
         loss.backward()
         optimizer.step()
     assert hr_5() >= 0.9
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "lrurec"])
+def test_reference_input_path_by_hand(backbone):
+    """input_path "code" (the authors' models.py 32-50): LayerNorm(gate(e_id + pos, proj(e_llm) + pos)),
+    dropout on each branch before the gate; the backbone takes that sequence as it is."""
+    model = tiny_model(input_path="code", backbone=backbone).eval()
+    inputs = tiny_batch()[0]
+    with torch.no_grad():
+        norm = model.code_input.norm
+        norm.weight.copy_(torch.rand(D) + 0.5), norm.bias.copy_(torch.randn(D))  # as if trained
+        e_id = model.id_embedding(inputs)
+        e_llm = model.projection(model.llm_embedding[inputs])
+        if backbone == "sasrec":  # position embedding indexed by recency: column L-1 is the most recent item
+            position = model.code_input.position.weight[torch.arange(L - 1, -1, -1)]
+            e_id, e_llm = e_id + position, e_llm + position
+        g = torch.sigmoid(model.fusion.W2(model.fusion.W1(torch.cat([e_id, e_llm], -1))))
+        x = g * e_id + (1 - g) * e_llm
+        x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-12)
+        expected = (x * norm.weight + norm.bias) * (inputs != 0).unsqueeze(-1)
+        torch.testing.assert_close(model.sequence_embeddings(inputs), expected)
+        # the backbone no longer adds positions or normalises: its input layer only masks
+        x = torch.randn(4, L, D)
+        torch.testing.assert_close(model.backbone.input(x, inputs != 0), x * (inputs != 0).unsqueeze(-1))
+        # the loss feeds the backbone the same sequence as scoring does
+        assert torch.isfinite(model.loss(*tiny_batch(), epoch=0)["loss"])
+    model.train()  # dropout acts on each branch: two passes differ
+    assert not torch.equal(model.sequence_embeddings(inputs), model.sequence_embeddings(inputs))

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from model.errors import ConfigError, DataError
-from model.text import (EmbeddingConfig, embedding_config_from_dict, item_embeddings,
-                        pca_embeddings, render_prompt, template_fields)
+from model.config import EmbeddingConfig, embedding_config_from_dict, template_fields
+from model.datasets import render_prompt
+from model.text import item_embeddings, pca_embeddings
 
 
 # ---------------------------------------------------------------- prompts

@@ -34,11 +34,11 @@ def test_settings_accept_every_field_and_name_the_source_on_errors():
     assert "lambda" in SETTING_NAMES and "lambda_" not in SETTING_NAMES
     with pytest.raises(ConfigError, match=r"x.yaml: unknown setting 'lamda'"):
         settings_from_dict({"lamda": 0.1}, "x.yaml")
-    with pytest.raises(ConfigError, match=r"x.yaml: epochs: expected int, got 'ten'"):
+    with pytest.raises(ConfigError, match=r"x.yaml: epochs: expected an integer, got 'ten'"):
         settings_from_dict({"epochs": "ten"}, "x.yaml")
     with pytest.raises(ConfigError, match=r"x.yaml: .*lr.*-1"):
         settings_from_dict({"lr": -1}, "x.yaml")
-    with pytest.raises(ConfigError, match=r"x.yaml: gating: expected bool"):
+    with pytest.raises(ConfigError, match=r"x.yaml: gating: expected a boolean"):
         settings_from_dict({"gating": "yes"}, "x.yaml")
 
 
@@ -162,3 +162,40 @@ def test_cli_prints_one_json_object(tmp_path, tiny_dataset, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["epochs_run"] == 2 and 0 <= out["test/tail/hr_10"] <= 1
     assert out["settings"]["method"] == "base"
+
+
+def test_min_epochs_trains_that_many_epochs_before_the_first_validation(tiny_inputs):
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 5, "min_epochs": 3, "patience": 1}, "t")
+    result = fit(tiny_inputs, model_cfg, train_cfg)
+    validated = [h["epoch"] for h in result.history if "val/overall/ndcg_20" in h]
+    assert validated == [4, 5][:len(validated)] and validated  # never before epoch 4; patience cannot
+    assert result.best_epoch >= 4                              # stop a run it has not validated yet
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 3, "min_epochs": 10}, "t")
+    result = fit(tiny_inputs, model_cfg, train_cfg)  # a budget below min_epochs still validates at its end
+    assert [h["epoch"] for h in result.history if "val/overall/ndcg_20" in h] == [3]
+
+
+def test_two_item_users_train_on_their_one_pair(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("1 5 6\n2 1 2 3 4 5\n3 7 8 9\n4 9 1\n")  # users 1 and 4: two items each
+    data = load_dataset(DatasetConfig(format="faerec", interactions=str(path), cache_dir=str(tmp_path)))
+    dropped = TrainBatches(data, max_len=4, rng=np.random.default_rng(0))
+    paired = TrainBatches(data, max_len=4, rng=np.random.default_rng(0), two_item_users="pair")
+    # user 2: seq[:-2] = 1 2 3 -> input 1 2, target 2 3
+    assert dropped.inputs.tolist() == [[0, 0, 1, 2]] and dropped.targets.tolist() == [[0, 0, 2, 3]]
+    assert sorted(map(tuple, paired.inputs.tolist())) == [(0, 0, 0, 5), (0, 0, 0, 9), (0, 0, 1, 2)]
+    pairs = {tuple(i): tuple(t) for i, t in zip(paired.inputs.tolist(), paired.targets.tolist())}
+    assert pairs[(0, 0, 0, 5)] == (0, 0, 0, 6) and pairs[(0, 0, 0, 9)] == (0, 0, 0, 1)  # items[0] -> items[1]
+    for _, targets, negatives in paired.epoch(8):  # their negatives avoid both their items
+        assert ((negatives > 0) == (targets > 0)).all()
+        row = targets.tolist().index([0, 0, 0, 6])
+        assert negatives[row, -1] not in (5, 6)
+    # 3-item users train on nothing in either mode (the code's datasets.py does the same)...
+    assert (0, 7, 8) not in pairs and len(paired) == 3
+    # ...but the code still gives them a batch row, all padding: more rows, same pairs
+    every = TrainBatches(data, max_len=4, rng=np.random.default_rng(0), two_item_users="pair",
+                         batch_all_users=True)
+    assert len(every) == 4 and sorted(map(tuple, every.inputs.tolist()))[0] == (0, 0, 0, 0)
+    assert {tuple(i) for i in every.inputs.tolist()} - {(0, 0, 0, 0)} == set(pairs)
+    rows = [r for batch in every.epoch(1) for r in batch[0].tolist()]
+    assert len(rows) == 3 and [0, 0, 0, 0] not in rows  # a batch of padding only is skipped

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from model.cache import atomic_write
 from tuning.pareto import MODES, losses, promotion_order
 
 
@@ -147,6 +148,5 @@ class MultiObjectiveASHA(FIFOScheduler):
             return
         path = Path(self.state_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self._state()))
-        os.replace(tmp, path)  # a crash mid-write leaves the previous state whole
+        # a crash mid-write leaves the previous state whole
+        atomic_write(path, lambda f: f.write(json.dumps(self._state()).encode()))

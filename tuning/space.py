@@ -30,7 +30,6 @@ Dataset and embedding paths are model.data's and model.text's business.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -40,12 +39,10 @@ from typing import Any, Callable, Mapping
 import optuna
 import yaml
 
-from model.data import DatasetConfig, dataset_config_from_dict, resolve_dataset
+from model.config import (PROJECT_ROOT, SETTING_NAMES, DatasetConfig, EmbeddingConfig, Invalid,
+                          check_fields, dataset_config_from_dict, from_mapping, resolve_dataset, rule,
+                          settings_from_dict, unknown_key, where)
 from model.errors import ConfigError
-from model.text import EmbeddingConfig, embedding_config_from_dict
-from model.train import SETTING_NAMES, settings_from_dict
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE_PATH = "results"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
@@ -54,9 +51,6 @@ SEARCH_METRICS = tuple(f"val/{group}/{metric}_{k}" for group in ("overall", "tai
                        for metric in ("hr", "ndcg") for k in (5, 10, 20))
 
 PARAM_KINDS = ("uniform", "loguniform", "int", "categorical", "grid", "fixed")
-_PARAM_KEYS = {"uniform": ("low", "high"), "loguniform": ("low", "high"),
-               "int": ("low", "high", "step"), "categorical": ("choices",),
-               "grid": ("choices",), "fixed": ("value",)}
 
 # Settings the `search` section owns, so no number can be given twice.
 RUN_SETTINGS = {"epochs": "search.max_epochs", "eval_every": "search.eval_every",
@@ -66,7 +60,7 @@ RUN_SETTINGS = {"epochs": "search.max_epochs", "eval_every": "search.eval_every"
 ABLATIONS: dict[str, dict[str, object]] = {
     "full": {},
     "no_agf": {"gating": False},       # w/o AGF: f = (e_id + e_llm) / 2 instead of the gate
-    "no_ila": {"ila": False},          # w/o ILA: no item-level alignment
+    "no_ila": {"ila": False},          # w/o ILA: no InfoNCE; FLA keeps 1 - w1 <= 1 - w_min (0.1 of alpha)
     "no_fla": {"fla": False},          # w/o FLA: no feature-level alignment
     "no_cls": {"curriculum": False},   # w/o CLS: w1 fixed at (w_max + w_min) / 2
     "no_pg": {"pop_groups": False},    # w/o PG: one popularity group in FLA
@@ -76,10 +70,6 @@ ABLATIONS: dict[str, dict[str, object]] = {
 GAP_MIN = 1e-3  # w_gap's floor: keeps w_max strictly above w_min
 NON_SETTING_KEYS = ("w_gap", "ablation")
 
-_TOP_KEYS = ("name", "dataset", "embedding", "fixed", "search", "params")
-_SEARCH_KEYS = ("metric", "mode", "num_samples", "max_concurrent", "seed", "max_epochs",
-                "scheduler", "resources", "max_failures", "storage_path", "tracking_uri",
-                "checkpoint_every", "eval_every")
 _OVERRIDES = {"num_samples": ("search", "num_samples"), "max_epochs": ("search", "max_epochs"),
               "tracking_uri": ("search", "tracking_uri"),
               "storage_path": ("search", "storage_path"),
@@ -147,69 +137,124 @@ class SearchSpace:
 
 # ------------------------------------------------------------------------- reading YAML
 
-_REQUIRED = object()
+# What the YAML file may hold, section by section (model.config's one check reads each:
+# unknown keys, types, bounds; the rules that span fields follow in _parse_*).
+
+@dataclass(frozen=True)
+class SpaceFile:
+    name: str                          # a folder and an MLflow experiment name
+    dataset: Any                       # a built-in name, a dataset YAML, or dataset fields
+    embedding: dict | None = None
+    fixed: dict | None = None
+    search: dict | None = None         # read as SearchSection
+    params: dict | None = None         # name -> one of the *Param classes below
+
+    def __post_init__(self):
+        check_fields(self)
+        if not _NAME.fullmatch(self.name):
+            raise Invalid("name", f"use letters, digits, '_', '.', '-' (a folder name), got {self.name!r}")
 
 
-class _Section:
-    """One YAML mapping: unknown keys are rejected up front, then fields are read typed."""
+@dataclass(frozen=True)
+class SearchSection:
+    num_samples: int = rule(ge=1)
+    max_epochs: int = rule(ge=1)
+    metric: str = "val/overall/ndcg_20"
+    mode: str = "max"
+    max_concurrent: int = rule(1, ge=1)
+    seed: int = 0
+    scheduler: dict | None = None      # read as SchedulerSection
+    resources: dict | None = None      # read as ResourcesSection
+    max_failures: int = rule(1, ge=0)
+    storage_path: str = rule(DEFAULT_STORAGE_PATH, nonempty=True)
+    tracking_uri: str = rule(DEFAULT_TRACKING_URI, nonempty=True)
+    checkpoint_every: int = rule(1, ge=1)
+    eval_every: int = rule(1, ge=1)
 
-    def __init__(self, data: Any, source: str, path: str, allowed: tuple[str, ...]):
-        self.source, self.path = source, path
-        if not isinstance(data, dict):
-            raise self.error(f"expected a mapping, got {data!r}")
-        for key in data:
-            if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise self.error(f"unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
-        self.data = data
+    def __post_init__(self):
+        check_fields(self)
+        if self.metric not in SEARCH_METRICS:
+            raise Invalid("metric", f"{self.metric!r} is not a validation metric the trainable "
+                                    "reports; use val/{overall|tail|head}/{hr|ndcg}_{5|10|20}")
+        if self.mode != "max":
+            raise Invalid("mode", f"must be max (every reported metric is higher-is-better), "
+                                  f"got {self.mode!r}")
 
-    def error(self, message: str, key: str | None = None) -> ConfigError:
-        path = ".".join(p for p in (self.path, key) if p)
-        return ConfigError(f"{self.source}: {path}: {message}" if path
-                           else f"{self.source}: {message}")
 
-    def get(self, key: str, default: Any = _REQUIRED) -> Any:
-        if key in self.data:
-            return self.data[key]
-        if default is _REQUIRED:
-            raise self.error("missing (required)", key)
-        return default
+@dataclass(frozen=True)
+class SchedulerSection:
+    type: str = rule("none", choices=("asha", "none"))
+    grace_period: int | None = rule(None, ge=1)  # required with asha
+    reduction_factor: float = rule(3.0, gt=1)
 
-    def integer(self, key: str, default: Any = _REQUIRED, minimum: int | None = None) -> int:
-        value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(f"expected an integer, got {value!r}", key)
-        if minimum is not None and value < minimum:
-            raise self.error(f"must be >= {minimum}, got {value}", key)
-        return value
+    def __post_init__(self):
+        check_fields(self)
 
-    def number(self, key: str, default: Any = _REQUIRED) -> float:
-        value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(f"expected a number, got {value!r}", key)
-        return value
 
-    def string(self, key: str, default: Any = _REQUIRED, options: tuple[str, ...] = ()) -> str:
-        value = self.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise self.error(f"expected a non-empty string, got {value!r}", key)
-        if options and value not in options:
-            raise self.error(f"must be one of {', '.join(options)}, got {value!r}", key)
-        return value
+@dataclass(frozen=True)
+class ResourcesSection:
+    cpu: float = rule(1.0, gt=0)
+    gpu: float = rule(0.0, ge=0)
 
-    def mapping(self, key: str) -> dict:
-        """An optional sub-mapping; an empty YAML section (`fixed:`) counts as empty."""
-        value = self.get(key, None)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.error(f"expected a mapping, got {value!r}", key)
-        return value
+    def __post_init__(self):
+        check_fields(self)
+        if self.gpu > 1 and not self.gpu.is_integer():
+            raise Invalid("gpu", f"must be a fraction in [0, 1] or a whole number, got {self.gpu}")
 
-    def section(self, key: str, allowed: tuple[str, ...]) -> _Section:
-        path = ".".join(p for p in (self.path, key) if p)
-        return _Section(self.mapping(key), self.source, path, allowed)
+
+@dataclass(frozen=True)
+class RangeParam:                      # uniform, loguniform
+    type: str
+    low: float
+    high: float
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.type == "loguniform" and self.low <= 0:
+            raise Invalid("low", f"a log range must be > 0, got {self.low:g}")
+        if self.low >= self.high:
+            raise Invalid("low", f"must be below high ({self.high}), got {self.low}")
+
+
+@dataclass(frozen=True)
+class IntParam:
+    type: str
+    low: int
+    high: int
+    step: int = rule(1, ge=1)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.low >= self.high:
+            raise Invalid("low", f"must be below high ({self.high}), got {self.low}")
+        if (self.high - self.low) % self.step:
+            raise Invalid("high", f"high - low ({self.high - self.low}) must be a multiple of "
+                                  f"step ({self.step})")
+
+
+@dataclass(frozen=True)
+class ChoicesParam:                    # categorical, grid
+    type: str
+    choices: list
+
+    def __post_init__(self):
+        if not isinstance(self.choices, list) or not self.choices:
+            raise Invalid("choices", f"expected a non-empty list, got {self.choices!r}")
+        if any(not isinstance(c, (str, int, float, bool)) for c in self.choices):
+            raise Invalid("choices", "each choice must be a string, number or boolean, got "
+                                     f"{self.choices!r}")
+        if len(set(map(repr, self.choices))) < len(self.choices):
+            raise Invalid("choices", f"has duplicates: {self.choices!r}")
+
+
+@dataclass(frozen=True)
+class FixedParam:
+    type: str
+    value: Any
+
+
+PARAM_CLASSES = {"uniform": RangeParam, "loguniform": RangeParam, "int": IntParam,
+                 "categorical": ChoicesParam, "grid": ChoicesParam, "fixed": FixedParam}
 
 
 def _read_yaml(path: Path) -> dict:
@@ -224,7 +269,8 @@ def _read_yaml(path: Path) -> dict:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(_TOP_KEYS)}, "
+        raise ConfigError(f"{path}: expected a mapping with sections "
+                          f"{', '.join(SpaceFile.__dataclass_fields__)}, "
                           f"got {type(raw).__name__}")
     return raw
 
@@ -272,13 +318,10 @@ def _absolute_uri(uri: str) -> str:
 # ------------------------------------------------------------------------- validation
 
 def _check_setting_name(name: Any, source: str, path: str) -> None:
-    where = f"{source}: {path}.{name}"
     if name in RUN_SETTINGS:
-        raise ConfigError(f"{where}: set by {RUN_SETTINGS[name]}, not here")
+        raise ConfigError(f"{where(source, path, str(name))}: set by {RUN_SETTINGS[name]}, not here")
     if name not in SETTING_NAMES:
-        close = difflib.get_close_matches(str(name), SETTING_NAMES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}: unknown setting{hint}; known: {', '.join(SETTING_NAMES)}")
+        raise unknown_key(name, SETTING_NAMES, source, path, noun="setting")
 
 
 def _parse_dataset(value: Any, source: str, base_dir: Path) -> DatasetConfig:
@@ -293,57 +336,37 @@ def _parse_dataset(value: Any, source: str, base_dir: Path) -> DatasetConfig:
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: dataset: expected a built-in name, a dataset YAML path "
                           f"or a mapping of dataset fields, got {value!r}")
-    return dataset_config_from_dict(value, source=f"{source}: dataset", base_dir=base_dir)
+    return dataset_config_from_dict(value, source=source, base_dir=base_dir)
 
 
 def _parse_embedding(value: dict, source: str, base_dir: Path) -> EmbeddingConfig:
     paths = {k: str(base_dir / v) for k, v in value.items()
              if k in ("path", "model_path") and isinstance(v, str) and not Path(v).is_absolute()}
-    return embedding_config_from_dict({**value, **paths}, source=f"{source}: embedding")
+    return from_mapping(EmbeddingConfig, {**value, **paths}, source, "embedding")
 
 
-def _parse_search(top: _Section) -> SearchSettings:
-    s = top.section("search", _SEARCH_KEYS)
-    metric = s.string("metric", "val/overall/ndcg_20")
-    if metric not in SEARCH_METRICS:
-        raise s.error(f"{metric!r} is not a validation metric the trainable reports; "
-                      f"use val/{{overall|tail|head}}/{{hr|ndcg}}_{{5|10|20}}", "metric")
-    mode = s.string("mode", "max")
-    if mode != "max":
-        raise s.error(f"must be max (every reported metric is higher-is-better), got {mode!r}",
-                      "mode")
-    max_epochs = s.integer("max_epochs", minimum=1)
-    scheduler = s.section("scheduler", ("type", "grace_period", "reduction_factor"))
-    kind = scheduler.string("type", "none", options=("asha", "none"))
-    grace_period = scheduler.integer("grace_period", 1 if kind == "none" else _REQUIRED, minimum=1)
-    if grace_period > max_epochs:
-        raise scheduler.error(f"{grace_period} epochs exceeds search.max_epochs "
-                              f"({max_epochs}): no trial could be stopped early", "grace_period")
-    reduction_factor = scheduler.number("reduction_factor", 3)
-    if reduction_factor <= 1:
-        raise scheduler.error(f"must be > 1, got {reduction_factor}", "reduction_factor")
-    eval_every = s.integer("eval_every", 1, minimum=1)
-    if kind == "asha" and eval_every != 1:
-        raise s.error("must be 1 with scheduler asha (asha compares trials every epoch), "
-                      f"got {eval_every}", "eval_every")
-    resources = s.section("resources", ("cpu", "gpu"))
-    cpu, gpu = resources.number("cpu", 1), resources.number("gpu", 0)
-    if cpu <= 0:
-        raise resources.error(f"must be > 0, got {cpu}", "cpu")
-    if gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
-        raise resources.error(f"must be a fraction in [0, 1] or a whole number, got {gpu}", "gpu")
+def _parse_search(raw: dict | None, source: str) -> SearchSettings:
+    s = from_mapping(SearchSection, raw or {}, source, "search")
+    scheduler = from_mapping(SchedulerSection, s.scheduler or {}, source, "search.scheduler")
+    resources = from_mapping(ResourcesSection, s.resources or {}, source, "search.resources")
+    grace_period = scheduler.grace_period
+    if grace_period is None:
+        if scheduler.type == "asha":
+            raise ConfigError(f"{where(source, 'search.scheduler.grace_period')}: missing (required)")
+        grace_period = 1
+    if grace_period > s.max_epochs:
+        raise ConfigError(f"{where(source, 'search.scheduler.grace_period')}: {grace_period} epochs "
+                          f"exceeds search.max_epochs ({s.max_epochs}): no trial could be stopped early")
+    if scheduler.type == "asha" and s.eval_every != 1:
+        raise ConfigError(f"{where(source, 'search.eval_every')}: must be 1 with scheduler asha "
+                          f"(asha compares trials every epoch), got {s.eval_every}")
     return SearchSettings(
-        metric=metric, mode=mode,
-        num_samples=s.integer("num_samples", minimum=1),
-        max_concurrent=s.integer("max_concurrent", 1, minimum=1),
-        seed=s.integer("seed", 0),
-        max_epochs=max_epochs, scheduler=kind, grace_period=grace_period,
-        reduction_factor=reduction_factor, cpu=cpu, gpu=gpu,
-        max_failures=s.integer("max_failures", 1, minimum=0),
-        storage_path=_absolute_storage(s.string("storage_path", DEFAULT_STORAGE_PATH)),
-        tracking_uri=_absolute_uri(s.string("tracking_uri", DEFAULT_TRACKING_URI)),
-        checkpoint_every=s.integer("checkpoint_every", 1, minimum=1),
-        eval_every=eval_every)
+        metric=s.metric, mode=s.mode, num_samples=s.num_samples, max_concurrent=s.max_concurrent,
+        seed=s.seed, max_epochs=s.max_epochs, scheduler=scheduler.type, grace_period=grace_period,
+        reduction_factor=scheduler.reduction_factor, cpu=resources.cpu, gpu=resources.gpu,
+        max_failures=s.max_failures, storage_path=_absolute_storage(s.storage_path),
+        tracking_uri=_absolute_uri(s.tracking_uri), checkpoint_every=s.checkpoint_every,
+        eval_every=s.eval_every)
 
 
 def _parse_param(name: Any, spec: Any, source: str) -> ParamSpec:
@@ -354,32 +377,12 @@ def _parse_param(name: Any, spec: Any, source: str) -> ParamSpec:
     if kind not in PARAM_KINDS:
         raise ConfigError(f"{source}: {path}.type: must be one of {', '.join(PARAM_KINDS)}, "
                           f"got {kind!r}")
-    p = _Section(spec, source, path, ("type",) + _PARAM_KEYS[kind])
+    p = from_mapping(PARAM_CLASSES[kind], spec, source, path)
     if kind == "fixed":
-        return ParamSpec(name, kind, value=p.get("value"))
+        return ParamSpec(name, kind, value=p.value)
     if kind in ("categorical", "grid"):
-        choices = p.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise p.error(f"expected a non-empty list, got {choices!r}", "choices")
-        if any(not isinstance(c, (str, int, float, bool)) for c in choices):
-            raise p.error(f"each choice must be a string, number or boolean, got {choices!r}",
-                          "choices")
-        if len(set(map(repr, choices))) < len(choices):
-            raise p.error(f"has duplicates: {choices!r}", "choices")
-        return ParamSpec(name, kind, choices=tuple(choices))
-    if kind == "int":
-        low, high = p.integer("low"), p.integer("high")
-        step = p.integer("step", 1, minimum=1)
-        if (high - low) % step:
-            raise p.error(f"high - low ({high - low}) must be a multiple of step ({step})", "high")
-    else:
-        low, high = p.number("low"), p.number("high")
-        if kind == "loguniform" and low <= 0:
-            raise p.error(f"a log range must be > 0, got {low}", "low")
-        step = 1
-    if low >= high:
-        raise p.error(f"must be below high ({high}), got {low}", "low")
-    return ParamSpec(name, kind, low=low, high=high, step=step)
+        return ParamSpec(name, kind, choices=tuple(p.choices))
+    return ParamSpec(name, kind, low=p.low, high=p.high, step=getattr(p, "step", 1))
 
 
 def _check_ablation(space: SearchSpace) -> None:
@@ -483,7 +486,17 @@ def _check_values(space: SearchSpace) -> None:
         path = "params.w_max" if name == "w_gap" else f"params.{name}"
         for value in values:
             config = _trial_config(space, {**base, name: value})
-            settings_from_dict(trial_settings(config), source=f"{space.label}: {path}")
+            _, train_cfg = settings_from_dict(trial_settings(config), source=f"{space.label}: {path}")
+            _check_first_validation(space, train_cfg.min_epochs)
+
+
+def _check_first_validation(space: SearchSpace, min_epochs: int) -> None:
+    """ASHA compares trials at grace_period epochs: they must have validated by then."""
+    s = space.search
+    if s.scheduler == "asha" and min_epochs >= s.grace_period:
+        raise ConfigError(f"{space.label}: search.scheduler.grace_period: {s.grace_period} epochs, "
+                          f"but trials first validate after min_epochs = {min_epochs} (set by "
+                          f"{_where(space, 'min_epochs')} or a preset): raise grace_period above it")
 
 
 # ------------------------------------------------------------------------- public API
@@ -495,27 +508,25 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     raw = _apply_overrides(raw, given)
     source = _label(str(path), given)  # every error names the file and the overrides
-    top = _Section(raw, source, "", _TOP_KEYS)
-    name = top.string("name")
-    if not _NAME.fullmatch(name):
-        raise top.error(f"use letters, digits, '_', '.', '-' (a folder name), got {name!r}", "name")
-    fixed = top.mapping("fixed")
+    top = from_mapping(SpaceFile, raw, source)
+    fixed = top.fixed or {}
     for setting in fixed:
         _check_setting_name(setting, source, "fixed")
+    folder = Path(path).resolve().parent
     space = SearchSpace(
-        name=name,
-        dataset=_parse_dataset(top.get("dataset"), source, Path(path).resolve().parent),
-        embedding=_parse_embedding(top.mapping("embedding"), source, Path(path).resolve().parent),
+        name=top.name,
+        dataset=_parse_dataset(top.dataset, source, folder),
+        embedding=_parse_embedding(top.embedding or {}, source, folder),
         fixed=dict(fixed),
-        search=_parse_search(top),
-        params=tuple(_parse_param(n, spec, source) for n, spec in top.mapping("params").items()),
+        search=_parse_search(top.search, source),
+        params=tuple(_parse_param(n, spec, source) for n, spec in (top.params or {}).items()),
         source=str(path), overrides=given)
     for p in space.params:
         if p.name in space.fixed:
             raise ConfigError(f"{source}: params.{p.name}: also set in fixed.{p.name}; keep one")
     _check_ablation(space)
     _check_curriculum_bounds(space)  # before the settings check, which would name one side only
-    settings_from_dict(space.fixed, source=f"{source}: fixed")
+    _check_first_validation(space, settings_from_dict(space.fixed, source, "fixed")[1].min_epochs)
     _check_grid(space)
     _check_values(space)
     return space

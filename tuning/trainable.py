@@ -30,6 +30,14 @@ def best_key(metric: str) -> str:
     return f"best/{metric}"
 
 
+def outcome(metrics: dict, max_epochs: int) -> str:
+    """How a trial that raised nothing ended, from its last result: "completed" when it ended
+    itself (budget reached, or the training loop's early stopping), else "early-stopped" (the
+    scheduler, ASHA, stopped it)."""
+    ended_itself = metrics.get("finished") == 1.0 or metrics.get("epoch", 0) >= max_epochs
+    return "completed" if ended_itself else "early-stopped"
+
+
 def _assigned_device() -> str:
     """What Ray gave this trial: the visible GPU ids, or 'cpu'."""
     gpus = ray.get_gpu_ids()
@@ -54,6 +62,8 @@ def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
             resume = torch.load(Path(folder) / STATE_FILE, weights_only=False)
 
     def report(record: EpochRecord, snapshot) -> None:
+        if not record.best_val:  # before the first validation (min_epochs): Tune refuses a
+            return               # result without the search metric, so there is none to send
         metrics = {**record.metrics, "epoch": record.epoch, "best_epoch": record.best_epoch,
                    "finished": float(record.final),
                    "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),

@@ -20,14 +20,14 @@ from ray.tune import CLIReporter
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from model.config import PROJECT_ROOT
 from model.errors import ConfigError
 from model.train import load_inputs
 from tuning.cluster import check_cluster
 from tuning.space import SearchSpace, define_by_run, make_sampler
-from tuning.trainable import best_key, train_trial
+from tuning.trainable import best_key, outcome, train_trial
 from tuning.tracking import MLflowTuneCallback, SearchTracker
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_COLUMNS = ("test/overall/hr_10", "test/overall/ndcg_10", "test/tail/hr_10",
                    "test/tail/ndcg_10", "test/overall/hr_20")
 
@@ -47,10 +47,8 @@ def _searched_names(space: SearchSpace) -> list[str]:
     return [p.name for p in space.params if p.kind != "fixed"]
 
 
-def _outcome(result) -> str:
-    if result.error is not None:
-        return "failed"
-    return "completed" if (result.metrics or {}).get("finished") == 1.0 else "early-stopped"
+def _outcome(result, max_epochs: int) -> str:
+    return "failed" if result.error is not None else outcome(result.metrics or {}, max_epochs)
 
 
 def summarise(results, space: SearchSpace) -> pd.DataFrame:
@@ -59,7 +57,8 @@ def summarise(results, space: SearchSpace) -> pd.DataFrame:
     rows = []
     for r in results:
         m = r.metrics or {}
-        row = {"trial": m.get("trial_id", r.path and Path(r.path).name), "outcome": _outcome(r),
+        row = {"trial": m.get("trial_id", r.path and Path(r.path).name),
+               "outcome": _outcome(r, space.search.max_epochs),
                "epochs": m.get("epoch", 0)}
         row.update({name: (r.config or {}).get(name) for name in _searched_names(space)})
         row[f"best {metric}"] = m.get(best_key(metric), math.nan)
