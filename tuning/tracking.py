@@ -414,6 +414,9 @@ class MlflowCallback(tune.Callback):
         self._worker.start()
 
     def _work(self) -> None:
+        if not (Path(self.folder) / SETTINGS_FILE).is_file():
+            logger.warning("%s: no %s, MLflow is not written", self.folder, SETTINGS_FILE)
+            return all(iter(self._jobs.get, None))  # drained, not applied
         with folder_lock(self.folder, timeout=float("inf")):
             replica = None
             for job in iter(self._jobs.get, None):

@@ -97,12 +97,14 @@ class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive `Tuner.restore`. Tune saves neither the scheduler nor its
     rung records (Ray 2.60 re-creates ASHA empty from tuner.pkl), so a resumed search would
     judge its trials against empty rungs. Tune adds every restored trial again: replay the
-    results it recorded (result.json) into its bracket, as they came the first time."""
+    results its folder holds (result.json, as Tune saved it with its state) into its
+    bracket, as they came the first time. Needs a local storage_path (else as Ray's)."""
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
         bracket = self._trial_info[trial.trial_id]
-        for result in read_results(trial.local_path) if trial.last_result else []:
+        restored = self._time_attr in trial.last_result  # a new trial has reported nothing
+        for result in read_results(trial.path) if restored else []:
             if self._time_attr in result and self._metric in result:
                 bracket.on_result(trial, result[self._time_attr],
                                   self._metric_op * result[self._metric])
