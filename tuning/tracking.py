@@ -1,35 +1,23 @@
-"""MLflow as a replica of Tune's experiment folder.
+"""MLflow as a replica of Tune's experiment folder, the record of truth.
 
-The record of truth is the experiment folder, `<storage_path>/<name>/`: Tune keeps there
-each trial's `params.json`, `result.json` (one line per epoch), `error.txt` and its own
-state (which trials the search has); the driver adds `tracking.json` (tracking URI,
-experiment, search name and id, stage, the search's params, its outcome and best metrics)
-and the parent run's files (`search_space.yaml`, `dataset_stats.json`, `summary.csv/md`).
-MLflow holds the same facts as runs:
+The folder `<storage_path>/<name>/` holds Tune's saved state (which trials the search has),
+each trial's `params.json`, `result.json` (a line per epoch) and `error.txt`, and the
+driver's `tracking.json` (store, experiment, search name and id, stage, params, outcome,
+best metrics) and PARENT_FILES. MLflow gets one parent run per search (tags search_name,
+search_id, outcome; the files as artifacts) and one nested child run per trial (tags
+trial_id, stage, backbone, method, outcome[, failure_reason]; config as params; metrics
+every epoch with step = epoch, test/ once at the end).
 
-    parent run  (tags search_name, search_id, faerec.role=search, outcome; params = search
-     │           settings; artifacts: the files above; metrics: the best trial's)
-     ├─ child run per trial (tags trial_id, stage, backbone, method, outcome[, failure_reason],
-     │                       mlflow.parentRunId; params = the trial's configuration;
-     │                       metrics every epoch with step = epoch, test metrics once)
-     └─ ...
-
-Every write is idempotent, so the replica can be rebuilt or brought up to date at any
-time: runs are found by their tags before one is created, params already there are kept,
-and a metric is logged only at epochs after the last one the run holds for it (each
-trial's epochs are logged in order, the first report of an epoch wins).
-
-- Live: `MlflowCallback`, a driver-side Tune callback, hands Tune's events to one worker
-  thread through a queue, so a slow or unreachable store never stalls the trials (MLflow's
-  own HTTP client retries for minutes; if it gives up, the next event catches up).
-- After the fact: `python -m tuning.tracking sync FOLDER [--tracking-uri URI]` exports a
-  folder: after a crash before anything reached MLflow, after an outage, or to copy a
-  finished search to a team server. The driver runs the same export before a search
-  (on --resume it ends the runs a crash left open and marks the lost trials) and after it.
-  Outcomes: completed / early-stopped (FINISHED), failed (FAILED), interrupted (KILLED: a
-  user's stop, or a crashed search not yet resumed) and lost (KILLED: a trial the crash took
-  before Tune saved its state; the resumed search replaced it, summaries leave it out).
-  A lock file in the folder keeps the live worker and a `sync` from writing at once.
+Every write is idempotent: runs are found by their tags before one is created, params
+present are kept, a metric is logged only at epochs after the last one its run holds (an
+epoch Tune ran again after a restore keeps its first report). So MLflow can be brought up
+to date at any time, live by `MlflowCallback` (one worker thread off Tune's loop: a slow
+or unreachable store never stalls trials, and each event repairs what an earlier one
+failed to write) or from the folder by `python -m tuning.tracking sync FOLDER
+[--tracking-uri URI]` (after a crash or an outage, to copy a search to a team server; the
+driver runs it before and after a search). Outcomes: completed, early-stopped (FINISHED),
+failed (FAILED), interrupted (KILLED: a user's stop, or a crashed search not yet resumed),
+lost (KILLED: a trial a crash took before Tune saved it; the resumed search replaced it).
 """
 
 import argparse
@@ -55,7 +43,6 @@ from ray.tune import ExperimentAnalysis
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow' / 'mlflow.db'}"
 SETTINGS_FILE = "tracking.json"
 PARENT_FILES = ("search_space.yaml", "dataset_stats.json", "summary.csv", "summary.md")
 EPOCH_PREFIXES = ("train/", "val/", "time/")  # logged every epoch; test/ once, at the end
@@ -76,15 +63,14 @@ def metric_name(name: str) -> str | None:
 
 
 def config_params(config: dict, prefix: str = "") -> dict[str, str]:
-    """A trial configuration as MLflow params: nested dicts flattened with '/', values
-    stringified and cut to MLflow's limit. Security: a key whose name contains key, token,
-    secret, passw(ord) or credential is dropped with everything under it, so credentials
-    that reached a config never end up in the tracking store."""
+    """A configuration as MLflow params: nested dicts flattened with '/', values cut to
+    MLflow's limit. A key naming a key, token, secret, passw(ord) or credential is dropped
+    with everything under it: credentials never reach the tracking store."""
     params = {}
     for key, value in config.items():
+        name = f"{prefix}{key}"
         if _SECRET_NAME.search(str(key)):
             continue
-        name = f"{prefix}{key}"
         if isinstance(value, dict):
             params.update(config_params(value, prefix=f"{name}/"))
         elif (clean := metric_name(name)) is not None:
@@ -93,32 +79,21 @@ def config_params(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
-    """The numeric values of `metrics` (bools and strings dropped) under valid names.
-    NaN and inf are kept: MLflow stores NaN as NaN and inf as the largest float."""
+    """The numeric values (bools and strings dropped; NaN kept) under valid names."""
     return {name: float(value) for key, value in metrics.items()
             if isinstance(value, Real) and not isinstance(value, bool)
             and (name := metric_name(key)) is not None}
 
 
 def run_tags(tags: dict) -> dict[str, str]:
-    """Tags under valid names, values stringified and cut to MLflow's limit."""
     return {name: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in tags.items()
             if (name := metric_name(key)) is not None}
 
 
-def _quoted(value: str) -> str:
-    """A name safe inside an MLflow filter string (which has no quote escaping)."""
-    if "'" in value or '"' in value or "`" in value:
-        raise ValueError(f"name {value!r} must not contain quotes")
-    return f"'{value}'"
-
-
 def artifact_location(tracking_uri: str) -> str | None:
-    """Where a new experiment keeps artifacts when MLflow is used without a server. With a
-    database store MLflow's default is ./mlruns of whatever the current directory is; we
-    keep them beside the SQLite file (mlflow/artifacts for the default store) or, for
-    another database, in the project's mlflow/artifacts. A server or a file store decides
-    for itself (None)."""
+    """Artifacts of a new experiment in a database store: beside the SQLite file, or the
+    project's mlflow/artifacts (MLflow's default, ./mlruns, depends on the current
+    directory). A server or a file store decides for itself (None)."""
     scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0] if "://" in tracking_uri else ""
     if scheme == "sqlite":
         return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
@@ -133,21 +108,9 @@ def _epoch(result: dict) -> int:
     return int(result.get("epoch", result.get("training_iteration", 0)))
 
 
-def epoch_results(results: list[dict]) -> list[dict]:
-    """The first report of each epoch, in order: an epoch that Tune ran again (a trial
-    restored from an earlier checkpoint after a failure or a crash) counts once."""
-    seen, out = set(), []
-    for result in results:
-        if _epoch(result) not in seen:
-            seen.add(_epoch(result))
-            out.append(result)
-    return out
-
-
-def read_results(trial_dir: Path) -> list[dict]:
+def read_results(trial_dir) -> list[dict]:
     """A trial's `result.json` (a line cut short by a crash ends it)."""
-    path = Path(trial_dir) / "result.json"
-    out = []
+    path, out = Path(trial_dir) / "result.json", []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             out.append(json.loads(line))
@@ -164,225 +127,160 @@ def failure_reason(error_file) -> str:
 
 
 def outcome(status: str, last: dict, max_epochs: int | None) -> str:
-    """A trial's outcome from its Tune status and last result: it completed when it stopped
-    by itself (`finished`, its budget or patience) or reached max_epochs, else ASHA stopped
-    it early."""
-    if status == "ERROR":
-        return "failed"
+    """From a trial's Tune status and last result: it completed when it stopped by itself
+    (`finished`: budget or patience) or reached max_epochs, else ASHA stopped it early."""
     if status != "TERMINATED":
-        return "interrupted"
+        return "failed" if status == "ERROR" else "interrupted"
     done = last.get("finished") == 1 or (max_epochs is not None and _epoch(last) >= max_epochs)
     return "completed" if done else "early-stopped"
 
 
-def read_settings(folder: str | Path) -> dict:
-    path = Path(folder) / SETTINGS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not an experiment folder of run_search.py "
-                                f"(no {SETTINGS_FILE})")
-    return json.loads(path.read_text())
+def read_settings(folder) -> dict:
+    return json.loads((Path(folder) / SETTINGS_FILE).read_text())
 
 
-def write_settings(folder: str | Path, **changes) -> dict:
-    """Update the folder's tracking.json (written whole, so a crash leaves the old one)."""
+def write_settings(folder, **changes) -> dict:
+    """Update the folder's tracking.json (replaced whole: a crash leaves the old one)."""
     path = Path(folder) / SETTINGS_FILE
-    settings = {**(json.loads(path.read_text()) if path.exists() else {}), **changes}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, default=str))
-    tmp.replace(path)
+    settings = {**(read_settings(folder) if path.exists() else {}), **changes}
+    path.with_suffix(".tmp").write_text(json.dumps(settings, indent=2, default=str))
+    path.with_suffix(".tmp").replace(path)
     return settings
 
 
 @contextmanager
-def folder_lock(folder: str | Path, timeout: float):
-    """One writer per experiment folder at a time (the live worker, a `sync`). flock: the
-    kernel drops it when its holder dies, so a crash never leaves it taken."""
+def folder_lock(folder, wait: bool):
+    """One writer per folder at a time (the live worker, or a sync that finds it free). The
+    kernel drops an flock when its holder dies: a crash never leaves it taken."""
     with open(Path(folder) / ".tracking.lock", "a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{folder}: another process is writing its MLflow "
-                                       f"records (a search still running?)") from None
-                time.sleep(0.2)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RuntimeError(f"{folder}: its MLflow records are being written by another "
+                               "process (is the search still running?)") from None
         yield
 
 
 # ---------------------------------------------------------------- the replica
 
 class Replica:
-    """One search's runs of one stage in an MLflow store, brought up to date idempotently."""
+    """One search's runs of one stage (search, reference, confirm...) in an MLflow store."""
 
     def __init__(self, settings: dict, tracking_uri: str | None = None):
         self.settings, self.stage = settings, settings.get("stage", "search")
         self.client = MlflowClient(tracking_uri or settings["tracking_uri"])
-        self.experiment_id = self._experiment()
-        self.parent_id = self._parent()
-        children = self._search(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and "
-                                f"tags.stage = {_quoted(self.stage)}")
+        found = self.client.get_experiment_by_name(settings["experiment"])
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            settings["experiment"], artifact_location(self.client.tracking_uri))
+        parent = self._find(f"tags.search_id = '{settings['search_id']}' and "
+                            "tags.`faerec.role` = 'search'") or [self.client.create_run(
+                                self.experiment_id, run_name=settings["search"], tags={
+                                    **run_tags(settings.get("tags", {})),
+                                    "search_name": settings["search"], "faerec.role": "search",
+                                    "search_id": settings["search_id"]})]
+        self.parent_id = parent[0].info.run_id
+        self._log_params(parent[0], config_params(settings.get("params", {})))
+        children = self._find(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and "
+                              f"tags.stage = '{self.stage}'")
         self._runs = {run.data.tags["trial_id"]: run for run in children}
         # run id -> {metric: last step held}: what each run holds, read once
-        self._held = {run.info.run_id: _last_steps(run) for run in [*children, self._parent_run]}
+        self._held = {run.info.run_id: {m.key: m.step for m in run.data.to_proto().metrics}
+                      for run in [*children, parent[0]]}
 
-    def _experiment(self) -> str:
-        name = self.settings["experiment"]
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        uri = self.client.tracking_uri
-        return self.client.create_experiment(name, artifact_location=artifact_location(uri))
-
-    def _search(self, filter_string: str) -> list:
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], filter_string,
-                                           max_results=1000, page_token=token)
-            runs.extend(page)
-            if not (token := page.token):
-                return runs
-
-    def _parent(self) -> str:
-        s = self.settings
-        found = self._search(f"tags.search_id = {_quoted(s['search_id'])} "
-                             "and tags.`faerec.role` = 'search'")
-        if found:
-            self._parent_run = found[0]
-        else:
-            tags = {**run_tags(s.get("tags", {})), "search_name": s["search"],
-                    "search_id": s["search_id"], "faerec.role": "search"}
-            self._parent_run = self.client.create_run(self.experiment_id, tags=tags,
-                                                      run_name=s["search"])
-        run_id = self._parent_run.info.run_id
-        self._log_params(self._parent_run, config_params(s.get("params", {})))
-        return run_id
+    def _find(self, filter_string: str) -> list:
+        return list(self.client.search_runs([self.experiment_id], filter_string,
+                                            max_results=50000))
 
     def _log_params(self, run, params: dict[str, str]) -> None:
-        held = run.data.params
-        changed = sorted(k for k, v in params.items() if held.get(k, v) != v)
-        if changed:  # MLflow params are immutable: the first value stays
-            logger.warning("run %s keeps its earlier values of params %s", run.info.run_id,
-                           changed)
-        new = [Param(k, v) for k, v in params.items() if k not in held]
-        if new:
+        """Params the run lacks (MLflow's are immutable: a first value stays)."""
+        if new := [Param(k, v) for k, v in params.items() if k not in run.data.params]:
             self.client.log_batch(run.info.run_id, params=new)
+            run.data.params.update(params)
 
     def _log_metrics(self, run_id: str, points: list[tuple[str, float, int, int]]) -> None:
         """Log (key, value, step, ms) points at steps after the last one the run holds."""
         held = self._held.setdefault(run_id, {})
-        new = [Metric(k, v, ms, step) for k, v, step, ms in points if step > held.get(k, -1)]
-        if new:
+        if new := [Metric(k, v, ms, step) for k, v, step, ms in points
+                   if step > held.get(k, -1)]:
             self.client.log_batch(run_id, metrics=new)
-            for m in new:
-                held[m.key] = max(m.step, held.get(m.key, -1))
+            held.update({m.key: max(m.step, held.get(m.key, -1)) for m in new})
 
-    # ---- trials
-
-    def open_trial(self, trial_id: str, config: dict, running: bool) -> str:
-        """The trial's run, created when missing; RUNNING again when `running`."""
+    def update_trial(self, trial_id: str, config: dict, results: list[dict],
+                     status: str | None = None, reason: str | None = None) -> None:
+        """Bring a trial's run up to date with its results: created when missing; RUNNING
+        while `status` is None, else ended with the outcome of that Tune status and the
+        test metrics of its last report (at its last epoch)."""
         run = self._runs.get(trial_id)
         if run is None:
-            tags = {**run_tags({k: config[k] for k in ("backbone", "method") if k in config}),
+            run = self._runs[trial_id] = self.client.create_run(
+                self.experiment_id, run_name=trial_id, tags={
+                    **run_tags({k: config[k] for k in ("backbone", "method") if k in config}),
                     "trial_id": trial_id, "stage": self.stage, "faerec.role": "trial",
-                    "mlflow.parentRunId": self.parent_id}
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=trial_id)
-            self._runs[trial_id] = run
-        elif running and run.info.status != "RUNNING":
+                    "mlflow.parentRunId": self.parent_id})
+        elif status is None and run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
+            run = self._runs[trial_id] = self.client.get_run(run.info.run_id)
         self._log_params(run, config_params(config))
-        run.data.params.update(config_params(config))
-        return run.info.run_id
+        first = {}  # the first report of each epoch
+        for result in results:
+            first.setdefault(_epoch(result), result)
+        last = list(first.values())[-1] if first else {}
+        self._log_metrics(run.info.run_id, [
+            (k, v, _epoch(r), int(r.get("timestamp", 0) * 1000)) for r in first.values()
+            for k, v in numeric_metrics(r).items() if k.startswith(EPOCH_PREFIXES)
+            or (status is not None and r is last and k.startswith("test/"))])
+        if status is not None:
+            self._end(trial_id, outcome(status, last, self.settings.get("max_epochs")), reason)
 
-    def log_epochs(self, trial_id: str, results: list[dict]) -> None:
-        self._log_metrics(self._runs[trial_id].info.run_id, [
-            (k, v, _epoch(r), int(r.get("timestamp", time.time()) * 1000))
-            for r in epoch_results(results)
-            for k, v in numeric_metrics(r).items() if k.startswith(EPOCH_PREFIXES)])
-
-    def end_trial(self, trial_id: str, results: list[dict], status: str, reason=None) -> None:
-        """End the run with the outcome (see `outcome`); the test metrics of its last report
-        are logged once, at its last epoch."""
-        run_id = self._runs[trial_id].info.run_id
-        last = results[-1] if results else {}
-        self._log_metrics(run_id, [(k, v, _epoch(last), int(last.get("timestamp", 0) * 1000))
-                                   for k, v in numeric_metrics(last).items()
-                                   if k.startswith("test/")])
-        self._end(trial_id, outcome(status, last, self.settings.get("max_epochs")), reason)
-
-    def _end(self, trial_id: str, result: str, reason: str | None = None) -> None:
+    def _end(self, trial_id: str, result: str, reason: str | None = None) -> bool:
+        """Set the outcome and its status; False when the run had them already."""
         run = self._runs[trial_id]
         tags = run_tags({"outcome": result, **({"failure_reason": reason} if reason else {})})
-        if {**run.data.tags, **tags} != run.data.tags or run.info.status != STATUS[result]:
-            self.client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            self.client.set_terminated(run.info.run_id, STATUS[result])
-            self._runs[trial_id] = self.client.get_run(run.info.run_id)
-
-    def mark_lost(self, known: set[str]) -> list[str]:
-        """End as KILLED/lost the runs of trials that Tune's saved state does not have."""
-        lost = sorted(set(self._runs) - known)
-        for trial_id in lost:
-            self._end(trial_id, "lost")
-        return lost
-
-    # ---- the search
+        if {**run.data.tags, **tags} == run.data.tags and run.info.status == STATUS[result]:
+            return False
+        self.client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run.info.run_id, STATUS[result])
+        self._runs[trial_id] = self.client.get_run(run.info.run_id)
+        return True
 
     def end_search(self, folder: Path, result: str, best: dict) -> None:
         """The parent's files (uploaded again only when changed), best metrics, outcome."""
         held = {f.path: f.file_size for f in self.client.list_artifacts(self.parent_id)}
-        for name in PARENT_FILES:
-            path = folder / name
-            if path.is_file() and held.get(name) != path.stat().st_size:
+        for path in (folder / name for name in PARENT_FILES):
+            if path.is_file() and held.get(path.name) != path.stat().st_size:
                 self.client.log_artifact(self.parent_id, str(path))
         self._log_metrics(self.parent_id, [(k, v, 0, int(time.time() * 1000))
                                            for k, v in numeric_metrics(best).items()])
-        run = self.client.get_run(self.parent_id)
-        status = {"completed": "FINISHED", "failed": "FAILED"}.get(result, "KILLED")
+        run, status = self.client.get_run(self.parent_id), STATUS.get(result, "KILLED")
         if run.data.tags.get("outcome") != result or run.info.status != status:
             self.client.set_tag(self.parent_id, "outcome", result)
             self.client.set_terminated(self.parent_id, status)
 
-    def reopen_search(self) -> None:
-        self.client.update_run(self.parent_id, status="RUNNING")
-
-
-def _last_steps(run) -> dict[str, int]:
-    return {m.key: m.step for m in run.data.to_proto().metrics}
-
 
 # ---------------------------------------------------------------- export a folder
 
-def saved_trials(folder: Path) -> list | None:
-    """The trials in Tune's last saved state of the folder; None before its first save (or
-    when Tune's storage is remote: then only the live callback writes the trial runs)."""
-    if not any(folder.glob("experiment_state-*.json")):
-        return None
-    return ExperimentAnalysis(str(folder)).trials
-
-
-def sync(folder: str | Path, tracking_uri: str | None = None, starting: bool = False,
-         lock_timeout: float = 60.0) -> Replica:
-    """Bring MLflow up to date with the experiment folder; returns the replica. Trials that
-    Tune has not ended count as interrupted; runs of trials Tune's state lacks as lost. With
-    `starting` (a driver about to run the search) the parent is left RUNNING."""
+def sync(folder, tracking_uri: str | None = None, starting: bool = False) -> Replica:
+    """Bring MLflow up to date with the folder. Trials Tune has not ended are interrupted;
+    runs of trials that Tune's saved state lacks are lost. `starting`: a driver is about to
+    run the search (the parent stays RUNNING)."""
     folder = Path(folder)
     settings = read_settings(folder)
-    with folder_lock(folder, lock_timeout):
+    with folder_lock(folder, wait=False):
         replica = Replica(settings, tracking_uri)
-        trials = saved_trials(folder)
-        for trial in trials or []:
+        # before Tune's first save, or with remote storage, the folder has no trials
+        saved = any(folder.glob("experiment_state-*.json"))
+        trials = ExperimentAnalysis(str(folder)).trials if saved else []
+        for trial in trials:
             trial_dir = folder / Path(trial.path).name
-            results = read_results(trial_dir)
-            replica.open_trial(trial.trial_id, trial.config, running=False)
-            replica.log_epochs(trial.trial_id, results)
-            replica.end_trial(trial.trial_id, results, trial.status,
-                              failure_reason(trial_dir / "error.txt")
-                              if trial.status == "ERROR" else None)
-        if trials is not None and (lost := replica.mark_lost({t.trial_id for t in trials})):
-            logger.warning("trials lost with a crash (ended KILLED, outcome lost): %s", lost)
+            replica.update_trial(trial.trial_id, trial.config, read_results(trial_dir),
+                                 trial.status, failure_reason(trial_dir / "error.txt")
+                                 if trial.status == "ERROR" else None)
+        for trial_id in sorted(set(replica._runs) - {t.trial_id for t in trials}) if saved else []:
+            if replica._end(trial_id, "lost"):
+                logger.warning("trial %s was lost with a crash (Tune's saved state lacks it): "
+                               "its run ends KILLED, outcome lost", trial_id)
         if starting:
-            replica.reopen_search()
+            replica.client.update_run(replica.parent_id, status="RUNNING")
         elif "params" in settings:  # this folder's stage owns the parent run
             result = settings.get("outcome", "interrupted")
             replica.end_search(folder, "interrupted" if result == "running" else result,
@@ -393,16 +291,13 @@ def sync(folder: str | Path, tracking_uri: str | None = None, starting: bool = F
 # ---------------------------------------------------------------- live: the Tune callback
 
 class MlflowCallback(tune.Callback):
-    """Replicates a running search into MLflow from the driver, without blocking it: each
-    Tune event becomes a job on a queue that one worker thread applies in order. A job
-    brings a trial's run up to date with every result seen so far, so one that failed
-    (store unreachable beyond MLflow's own retries) is made good by the next.
+    """Replicates a running search from the driver without blocking it: Tune's events
+    become jobs on a queue that one worker thread applies in order. A job brings a trial's
+    run up to date with every result seen so far, so a failed one is made good by the next.
+    Tune pickles callbacks into the folder and `Tuner.restore` unpickles them: only the
+    folder and stage are kept, the store is read from tracking.json when the search starts."""
 
-    Tune pickles its callbacks into the experiment folder and `Tuner.restore` unpickles
-    them: only the folder and stage are kept; the store comes from the folder's
-    tracking.json when the search (re)starts."""
-
-    def __init__(self, folder: str | Path, stage: str = "search", close_timeout_s: float = 60.0):
+    def __init__(self, folder, stage: str = "search", close_timeout_s: float = 60.0):
         self.folder, self.stage, self.close_timeout_s = str(folder), stage, close_timeout_s
 
     def __getstate__(self):
@@ -417,78 +312,63 @@ class MlflowCallback(tune.Callback):
         if not (Path(self.folder) / SETTINGS_FILE).is_file():
             logger.warning("%s: no %s, MLflow is not written", self.folder, SETTINGS_FILE)
             return all(iter(self._jobs.get, None))  # drained, not applied
-        with folder_lock(self.folder, timeout=float("inf")):
+        with folder_lock(self.folder, wait=True):
             replica = None
             for job in iter(self._jobs.get, None):
                 try:
-                    if replica is None:
-                        settings = {**read_settings(self.folder), "stage": self.stage}
-                        replica = Replica(settings)
+                    replica = replica or Replica({**read_settings(self.folder),
+                                                  "stage": self.stage})
                     job(replica)
                 except Exception as exc:  # noqa: BLE001 - the folder keeps everything
-                    logger.warning("MLflow store not updated (%s); the folder keeps the "
-                                   "results and the search's end or `python -m "
-                                   "tuning.tracking sync %s` sends them",
-                                   str(exc).splitlines()[0][:200] if str(exc) else
-                                   type(exc).__name__, self.folder)
-                    replica = None  # found again from the store, which may differ now
+                    logger.warning("MLflow not updated (%s: %s); the folder keeps the results"
+                                   " and the search's end (or `python -m tuning.tracking "
+                                   "sync %s`) sends them", type(exc).__name__,
+                                   str(exc)[:200], self.folder)
+                    replica = None  # found again: the store may hold more than we know
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        trial_id, config = trial.trial_id, dict(trial.config)
-        self._jobs.put(lambda r: r.open_trial(trial_id, config, running=True))
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def _put(self, trial, status: str | None = None, result: dict | None = None) -> None:
         trial_id, config = trial.trial_id, dict(trial.config)
         results = self._results.setdefault(trial_id, [])
-        results.append(dict(result))
-        snapshot = list(results)
-
-        def job(r: Replica):
-            r.open_trial(trial_id, config, running=True)
-            r.log_epochs(trial_id, snapshot)
-        self._jobs.put(job)
-
-    def _ended(self, trial, status: str) -> None:
-        trial_id, config = trial.trial_id, dict(trial.config)
-        snapshot = list(self._results.get(trial_id, [])) or [trial.last_result or {}]
+        if result is not None:
+            results.append(dict(result))
+        snapshot = list(results) or [trial.last_result or {}]
         reason = failure_reason(trial.error_file) if status == "ERROR" else None
+        self._jobs.put(lambda replica: replica.update_trial(trial_id, config, snapshot, status,
+                                                            reason))
 
-        def job(r: Replica):
-            r.open_trial(trial_id, config, running=False)
-            r.log_epochs(trial_id, snapshot)
-            r.end_trial(trial_id, snapshot, status, reason)
-        self._jobs.put(job)
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._put(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._put(trial, result=result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._ended(trial, "TERMINATED")
+        self._put(trial, "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(trial, "ERROR")
+        self._put(trial, "ERROR")
 
     def on_experiment_end(self, trials, **info):
-        """Let the worker finish (up to close_timeout_s; MLflow may be retrying)."""
+        """Let the worker finish, for up to close_timeout_s (MLflow may be retrying)."""
         self._jobs.put(None)
         self._worker.join(self.close_timeout_s)
         if self._worker.is_alive():
-            logger.warning("MLflow store still not updated after %.0f s; the folder keeps "
-                           "the results: python -m tuning.tracking sync %s",
-                           self.close_timeout_s, self.folder)
+            logger.warning("MLflow still not updated after %.0f s; send the results later: "
+                           "python -m tuning.tracking sync %s", self.close_timeout_s,
+                           self.folder)
 
-
-# ---------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuning.tracking", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("sync", help="export an experiment folder to MLflow")
-    export.add_argument("folder", help="the search's experiment folder (<storage>/<name>)")
-    export.add_argument("--tracking-uri", help="store to write to (default: the folder's)")
+    export.add_argument("folder", help="the search's experiment folder: <storage>/<name>")
+    export.add_argument("--tracking-uri", help="the store to write to (default: the folder's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not (Path(args.folder) / SETTINGS_FILE).is_file():
-        parser.error(f"{args.folder}: no {SETTINGS_FILE} (not an experiment folder of "
-                     "run_search.py)")
+        parser.error(f"{args.folder}: no {SETTINGS_FILE}, not a folder of run_search.py")
     replica = sync(args.folder, args.tracking_uri)
     print(f"synced {args.folder} to {replica.client.tracking_uri}: experiment "
           f"{replica.experiment_id}, parent run {replica.parent_id}")

@@ -178,8 +178,11 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     stats_file = folder / "dataset_stats.json"
     stats_file.write_text(json.dumps(inputs.data.stats(), indent=2, default=str))
 
+    earlier = folder / "tracking.json"
+    search_id = (json.loads(earlier.read_text())["search_id"] if resume and earlier.exists()
+                 else uuid.uuid4().hex)  # a new search of an old name gets a new parent run
     if resume and not can_resume(space):
-        if not (folder / "tracking.json").exists():
+        if not earlier.exists():
             raise ConfigError(f"--resume: no search named {space.name!r} under "
                               f"{s.storage_path}")
         logger.warning("--resume: the search %r stopped before Tune saved any state; "
@@ -187,9 +190,6 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
         resume = False
     # The folder is the record of truth; MLflow is brought up to date from it.
     shutil.copyfile(space.source, folder / "search_space.yaml")
-    earlier = folder / "tracking.json"
-    search_id = (json.loads(earlier.read_text())["search_id"] if resume and earlier.exists()
-                 else uuid.uuid4().hex)  # a new search of an old name gets a new parent run
     write_settings(
         folder, tracking_uri=s.tracking_uri, experiment=space.name, search=space.name,
         search_id=search_id, stage="search", max_epochs=s.max_epochs, outcome="running",
