@@ -78,6 +78,17 @@ def session_processes(sid: int) -> list[tuple[int, str]]:
     return found
 
 
+def kill_session(sid: int) -> list[tuple[int, str]]:
+    """SIGKILL every process of session `sid`; returns those found."""
+    left = session_processes(sid)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
 class Driver:
     """`python run_search.py ...` in its own session, so that the Ray processes it starts
     can be told apart from any other Ray on this machine (they inherit the session)."""
@@ -116,12 +127,7 @@ class Driver:
 
     def kill_session(self) -> list[tuple[int, str]]:
         """SIGKILL the driver and every process of its session; returns those found."""
-        left = session_processes(self.pid)
-        for pid, _ in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        left = kill_session(self.pid)
         self.process.poll()
         return left
 
@@ -521,7 +527,7 @@ else:
     tuner = tune.Tuner(
         trainable, param_space={"x": tune.grid_search([0.5, 0.9, 0.3, 0.2, 0.8])},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=1,
+            max_concurrent_trials=1, trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             scheduler=ResumableASHA(time_attr="epoch", metric="score", mode="max", max_t=4,
                                     grace_period=1, reduction_factor=2)),
         run_config=tune.RunConfig(name="asha", storage_path=storage,
@@ -561,19 +567,15 @@ def test_asha_resumed_after_a_kill_decides_as_an_uninterrupted_search(tmp_path):
                 (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.05)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        kill_session(first.pid)  # the driver and its local Ray
         first.wait()
-    for pid, _ in session_processes(first.pid):
-        os.kill(pid, signal.SIGKILL)
+        kill_session(first.pid)
 
     second = start("resume")
     try:
         assert second.wait(DRIVER_TIMEOUT_S) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-    for pid, _ in session_processes(second.pid):
-        os.kill(pid, signal.SIGKILL)
+        kill_session(second.pid)
     results = by_x()
     reached = {x: max(epochs(rows)) for x, rows in results.items()}
     assert reached == {0.5: 4, 0.9: 4, 0.3: 1, 0.2: 1, 0.8: 4}, reached

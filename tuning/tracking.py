@@ -1,23 +1,16 @@
-"""MLflow as a replica of Tune's experiment folder, the record of truth.
+"""MLflow as an idempotent replica of Tune's experiment folder, the record of truth.
 
-The folder `<storage_path>/<name>/` holds Tune's saved state (which trials the search has),
-each trial's `params.json`, `result.json` (a line per epoch) and `error.txt`, and the
-driver's `tracking.json` (store, experiment, search name and id, stage, params, outcome,
-best metrics) and PARENT_FILES. MLflow gets one parent run per search (tags search_name,
-search_id, outcome; the files as artifacts) and one nested child run per trial (tags
-trial_id, stage, backbone, method, outcome[, failure_reason]; config as params; metrics
-every epoch with step = epoch, test/ once at the end).
-
-Every write is idempotent: runs are found by their tags before one is created, params
-present are kept, a metric is logged only at epochs after the last one its run holds (an
-epoch Tune ran again after a restore keeps its first report). So MLflow can be brought up
-to date at any time, live by `MlflowCallback` (one worker thread off Tune's loop: a slow
-or unreachable store never stalls trials, and each event repairs what an earlier one
-failed to write) or from the folder by `python -m tuning.tracking sync FOLDER
-[--tracking-uri URI]` (after a crash or an outage, to copy a search to a team server; the
-driver runs it before and after a search). Outcomes: completed, early-stopped (FINISHED),
-failed (FAILED), interrupted (KILLED: a user's stop, or a crashed search not yet resumed),
-lost (KILLED: a trial a crash took before Tune saved it; the resumed search replaced it).
+The folder `<storage_path>/<name>/` holds Tune's saved state (which trials the search
+has), each trial's `params.json`, `result.json` and `error.txt`, the driver's
+`tracking.json` (store, search, stage, params, outcome, best metrics) and PARENT_FILES.
+MLflow gets a parent run per search and a nested run per trial, found again by their
+tags before any is created; a metric is logged only at epochs after the last one its run
+holds. So MLflow is brought up to date at any time: live by `MlflowCallback`, or from
+the folder by `python -m tuning.tracking sync FOLDER [--tracking-uri URI]` (after a crash
+or an outage, to copy a search to a team server; the driver runs it before and after a
+search). Outcomes: completed, early-stopped (FINISHED), failed (FAILED), interrupted
+(KILLED: a user's stop, or a crash not yet resumed), lost (KILLED: a trial a crash took
+before Tune saved it; the resumed search runs another in its place).
 """
 
 import argparse
@@ -91,13 +84,11 @@ def run_tags(tags: dict) -> dict[str, str]:
 
 
 def artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts of a new experiment in a database store: beside the SQLite file, or the
-    project's mlflow/artifacts (MLflow's default, ./mlruns, depends on the current
-    directory). A server or a file store decides for itself (None)."""
-    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0] if "://" in tracking_uri else ""
-    if scheme == "sqlite":
+    """A new experiment's artifacts in a database store: beside the SQLite file, else in
+    mlflow/artifacts (not ./mlruns of the current directory). None: the server decides."""
+    if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
-    if scheme in ("postgresql", "mysql", "mssql"):
+    if tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
         return (PROJECT_ROOT / "mlflow" / "artifacts").as_uri()
     return None
 
@@ -206,10 +197,10 @@ class Replica:
             held.update({m.key: max(m.step, held.get(m.key, -1)) for m in new})
 
     def update_trial(self, trial_id: str, config: dict, results: list[dict],
-                     status: str | None = None, reason: str | None = None) -> None:
+                     status: str | None = None, error_file=None) -> None:
         """Bring a trial's run up to date with its results: created when missing; RUNNING
-        while `status` is None, else ended with the outcome of that Tune status and the
-        test metrics of its last report (at its last epoch)."""
+        while `status` is None, else ended with the outcome of that Tune status (and the
+        reason of an ERROR) and the test metrics of its last report, at its last epoch."""
         run = self._runs.get(trial_id)
         if run is None:
             run = self._runs[trial_id] = self.client.create_run(
@@ -230,7 +221,8 @@ class Replica:
             for k, v in numeric_metrics(r).items() if k.startswith(EPOCH_PREFIXES)
             or (status is not None and r is last and k.startswith("test/"))])
         if status is not None:
-            self._end(trial_id, outcome(status, last, self.settings.get("max_epochs")), reason)
+            self._end(trial_id, outcome(status, last, self.settings.get("max_epochs")),
+                      failure_reason(error_file) if status == "ERROR" else None)
 
     def _end(self, trial_id: str, result: str, reason: str | None = None) -> bool:
         """Set the outcome and its status; False when the run had them already."""
@@ -273,8 +265,7 @@ def sync(folder, tracking_uri: str | None = None, starting: bool = False) -> Rep
         for trial in trials:
             trial_dir = folder / Path(trial.path).name
             replica.update_trial(trial.trial_id, trial.config, read_results(trial_dir),
-                                 trial.status, failure_reason(trial_dir / "error.txt")
-                                 if trial.status == "ERROR" else None)
+                                 trial.status, trial_dir / "error.txt")
         for trial_id in sorted(set(replica._runs) - {t.trial_id for t in trials}) if saved else []:
             if replica._end(trial_id, "lost"):
                 logger.warning("trial %s was lost with a crash (Tune's saved state lacks it): "
@@ -292,16 +283,14 @@ def sync(folder, tracking_uri: str | None = None, starting: bool = False) -> Rep
 
 class MlflowCallback(tune.Callback):
     """Replicates a running search from the driver without blocking it: Tune's events
-    become jobs on a queue that one worker thread applies in order. A job brings a trial's
-    run up to date with every result seen so far, so a failed one is made good by the next.
-    Tune pickles callbacks into the folder and `Tuner.restore` unpickles them: only the
-    folder and stage are kept, the store is read from tracking.json when the search starts."""
+    become jobs that one worker thread applies in order. A job brings a trial's run up to
+    date with every result seen so far, so one that failed (MLflow's client retries for
+    minutes first) is made good by the next. Tune pickles callbacks into tuner.pkl before
+    setup: `Tuner.restore` gets this one back with its folder, whose tracking.json names
+    the store."""
 
     def __init__(self, folder, stage: str = "search", close_timeout_s: float = 60.0):
         self.folder, self.stage, self.close_timeout_s = str(folder), stage, close_timeout_s
-
-    def __getstate__(self):
-        return {k: self.__dict__[k] for k in ("folder", "stage", "close_timeout_s")}
 
     def setup(self, **info):
         self._results, self._jobs = {}, queue.Queue()
@@ -309,9 +298,6 @@ class MlflowCallback(tune.Callback):
         self._worker.start()
 
     def _work(self) -> None:
-        if not (Path(self.folder) / SETTINGS_FILE).is_file():
-            logger.warning("%s: no %s, MLflow is not written", self.folder, SETTINGS_FILE)
-            return all(iter(self._jobs.get, None))  # drained, not applied
         with folder_lock(self.folder, wait=True):
             replica = None
             for job in iter(self._jobs.get, None):
@@ -331,10 +317,9 @@ class MlflowCallback(tune.Callback):
         results = self._results.setdefault(trial_id, [])
         if result is not None:
             results.append(dict(result))
-        snapshot = list(results) or [trial.last_result or {}]
-        reason = failure_reason(trial.error_file) if status == "ERROR" else None
+        snapshot, error_file = list(results) or [trial.last_result or {}], trial.error_file
         self._jobs.put(lambda replica: replica.update_trial(trial_id, config, snapshot, status,
-                                                            reason))
+                                                            error_file))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._put(trial)
@@ -349,29 +334,21 @@ class MlflowCallback(tune.Callback):
         self._put(trial, "ERROR")
 
     def on_experiment_end(self, trials, **info):
-        """Let the worker finish, for up to close_timeout_s (MLflow may be retrying)."""
         self._jobs.put(None)
-        self._worker.join(self.close_timeout_s)
-        if self._worker.is_alive():
-            logger.warning("MLflow still not updated after %.0f s; send the results later: "
-                           "python -m tuning.tracking sync %s", self.close_timeout_s,
-                           self.folder)
+        self._worker.join(self.close_timeout_s)  # the driver's sync follows when it ended
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tuning.tracking", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("sync", help="export an experiment folder to MLflow")
-    export.add_argument("folder", help="the search's experiment folder: <storage>/<name>")
+    parser = argparse.ArgumentParser(prog="python -m tuning.tracking", description=__doc__)
+    export = parser.add_subparsers(dest="command", required=True).add_parser(
+        "sync", help="bring MLflow up to date with an experiment folder (<storage>/<name>)")
+    export.add_argument("folder")
     export.add_argument("--tracking-uri", help="the store to write to (default: the folder's)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not (Path(args.folder) / SETTINGS_FILE).is_file():
         parser.error(f"{args.folder}: no {SETTINGS_FILE}, not a folder of run_search.py")
     replica = sync(args.folder, args.tracking_uri)
-    print(f"synced {args.folder} to {replica.client.tracking_uri}: experiment "
-          f"{replica.experiment_id}, parent run {replica.parent_id}")
+    print(f"{args.folder} synced to {replica.client.tracking_uri}, run {replica.parent_id}")
     return 0
 
 

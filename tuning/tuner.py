@@ -86,7 +86,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def local_folder(space: SearchSpace) -> Path:
-    """Where the driver writes its own files (summary, MLflow journal, dataset stats):
+    """Where the driver writes its own files (summary, tracking.json, dataset stats):
     the experiment folder for local storage, else a folder in the project."""
     storage = space.search.storage_path
     base = Path(storage) if "://" not in storage else PROJECT_ROOT / "results"
@@ -117,7 +117,8 @@ def can_resume(space: SearchSpace) -> bool:
         "://" in path or any(Path(path).glob("experiment_state-*.json")))
 
 
-def build_tuner(space: SearchSpace, inputs, resume: bool) -> tune.Tuner:
+def build_tuner(space: SearchSpace, inputs, resume: bool, callbacks=()) -> tune.Tuner:
+    """The search's Tuner, new or restored (a restored one keeps its first callbacks)."""
     s = space.search
     metric = best_key(s.metric)
     trainable = tune.with_resources(
@@ -151,7 +152,7 @@ def build_tuner(space: SearchSpace, inputs, resume: bool) -> tune.Tuner:
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=space.name, storage_path=storage,
-            callbacks=[MlflowCallback(local_folder(space))],
+            callbacks=list(callbacks),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             # num_to_keep >= 2: with 1, Ray floods the log with snapshot warnings.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -203,7 +204,8 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
 
     best, files, result = {}, {}, "failed"
     try:
-        results = build_tuner(space, inputs, resume).fit()
+        callbacks = [MlflowCallback(folder)]
+        results = build_tuner(space, inputs, resume, callbacks).fit()
         if results.num_terminated + results.num_errors < s.num_samples:
             # Tune catches the first Ctrl-C itself: it stops the trials, saves its state and
             # returns normally; a search that ran fewer trials to the end was interrupted.
