@@ -340,6 +340,7 @@ def test_tracking_server_outage_loses_and_duplicates_no_epoch(tmp_path, drivers)
         assert driver.wait() == 0, driver.output[-3000:]
 
         results = trials(experiment)
+        print(json.dumps({"epochs reported while the server was down": during}))
         assert len(results) == 2 and during >= 2
         parents, children = child_runs(server.url, "outage")
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -110,11 +110,11 @@ def read_results(trial_dir) -> list[dict]:
     return out
 
 
-def failure_reason(error_file) -> str:
-    """The last line of a trial's error file, e.g. 'ValueError: diverged'."""
+def failure_reason(error_file) -> str | None:
+    """The last line of a trial's error file, e.g. 'ValueError: diverged' (None: no file)."""
     path = Path(error_file) if error_file else None
     lines = path.read_text().strip().splitlines() if path and path.exists() else []
-    return lines[-1].strip() if lines else "unknown error (Tune wrote no error file)"
+    return lines[-1].strip() if lines else None
 
 
 def outcome(status: str, last: dict, max_epochs: int | None) -> str:
@@ -140,15 +140,20 @@ def write_settings(folder, **changes) -> dict:
 
 
 @contextmanager
-def folder_lock(folder, wait: bool):
-    """One writer per folder at a time (the live worker, or a sync that finds it free). The
-    kernel drops an flock when its holder dies: a crash never leaves it taken."""
+def folder_lock(folder, timeout: float):
+    """One writer per folder at a time (the live worker, a sync). The kernel drops an flock
+    when its holder dies: a crash never leaves it taken."""
     with open(Path(folder) / ".tracking.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise RuntimeError(f"{folder}: its MLflow records are being written by another "
-                               "process (is the search still running?)") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{folder}: its MLflow records are still being "
+                                       "written by another process or thread") from None
+                time.sleep(0.2)
         yield
 
 
@@ -251,13 +256,15 @@ class Replica:
 
 # ---------------------------------------------------------------- export a folder
 
-def sync(folder, tracking_uri: str | None = None, starting: bool = False) -> Replica:
+def sync(folder, tracking_uri: str | None = None, starting: bool = False,
+         wait_s: float = 0.0) -> Replica:
     """Bring MLflow up to date with the folder. Trials Tune has not ended are interrupted;
     runs of trials that Tune's saved state lacks are lost. `starting`: a driver is about to
-    run the search (the parent stays RUNNING)."""
+    run the search (the parent stays RUNNING). `wait_s`: how long to wait for a live worker
+    (still retrying an unreachable store) to finish first."""
     folder = Path(folder)
     settings = read_settings(folder)
-    with folder_lock(folder, wait=False):
+    with folder_lock(folder, wait_s):
         replica = Replica(settings, tracking_uri)
         # before Tune's first save, or with remote storage, the folder has no trials
         saved = any(folder.glob("experiment_state-*.json"))
@@ -289,8 +296,8 @@ class MlflowCallback(tune.Callback):
     setup: `Tuner.restore` gets this one back with its folder, whose tracking.json names
     the store."""
 
-    def __init__(self, folder, stage: str = "search", close_timeout_s: float = 60.0):
-        self.folder, self.stage, self.close_timeout_s = str(folder), stage, close_timeout_s
+    def __init__(self, folder, stage: str = "search"):
+        self.folder, self.stage = str(folder), stage
 
     def setup(self, **info):
         self._results, self._jobs = {}, queue.Queue()
@@ -298,7 +305,7 @@ class MlflowCallback(tune.Callback):
         self._worker.start()
 
     def _work(self) -> None:
-        with folder_lock(self.folder, wait=True):
+        with folder_lock(self.folder, float("inf")):
             replica = None
             for job in iter(self._jobs.get, None):
                 try:
@@ -334,8 +341,7 @@ class MlflowCallback(tune.Callback):
         self._put(trial, "ERROR")
 
     def on_experiment_end(self, trials, **info):
-        self._jobs.put(None)
-        self._worker.join(self.close_timeout_s)  # the driver's sync follows when it ended
+        self._jobs.put(None)  # the worker ends after its jobs; the driver's sync waits for it
 
 
 def main(argv: list[str] | None = None) -> int:

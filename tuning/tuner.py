@@ -224,8 +224,8 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
         raise
     finally:
         write_settings(folder, outcome=result, best=best)
-        try:
-            sync(folder)
+        try:  # waits (as long as MLflow's client retries) for a store that was unreachable
+            sync(folder, wait_s=300)
         except Exception as exc:  # noqa: BLE001 - the folder keeps everything
             logger.warning("MLflow not updated (%s); send the results later with: "
                            "python -m tuning.tracking sync %s", exc, folder)
