@@ -99,10 +99,11 @@ class MlflowServer:
         self.stop()
         raise TimeoutError(f"mlflow server not healthy after {timeout} s:\n{self.log()}")
 
-    def stop(self) -> None:
+    def stop(self, crash: bool = False) -> None:
+        """End the server and its workers; `crash`: at once (SIGKILL), as an outage does."""
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        os.killpg(self.process.pid, signal.SIGKILL if crash else signal.SIGTERM)
         try:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
