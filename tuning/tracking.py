@@ -257,7 +257,7 @@ class Replica:
 # ---------------------------------------------------------------- export a folder
 
 def sync(folder, tracking_uri: str | None = None, starting: bool = False,
-         wait_s: float = 0.0) -> Replica:
+         wait_s: float = 60.0) -> Replica:
     """Bring MLflow up to date with the folder. Trials Tune has not ended are interrupted;
     runs of trials that Tune's saved state lacks are lost. `starting`: a driver is about to
     run the search (the parent stays RUNNING). `wait_s`: how long to wait for a live worker
