@@ -33,6 +33,8 @@ from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
+from tuning.trainable import outcome as ended_outcome
+
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -118,12 +120,11 @@ def failure_reason(error_file) -> str | None:
 
 
 def outcome(status: str, last: dict, max_epochs: int | None) -> str:
-    """From a trial's Tune status and last result: it completed when it stopped by itself
-    (`finished`: budget or patience) or reached max_epochs, else ASHA stopped it early."""
+    """From a trial's Tune status and last result (tuning.trainable's rule for one that
+    ended)."""
     if status != "TERMINATED":
         return "failed" if status == "ERROR" else "interrupted"
-    done = last.get("finished") == 1 or (max_epochs is not None and _epoch(last) >= max_epochs)
-    return "completed" if done else "early-stopped"
+    return ended_outcome(last, max_epochs if max_epochs is not None else float("inf"))
 
 
 def read_settings(folder) -> dict:
