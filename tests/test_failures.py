@@ -8,6 +8,10 @@ real local Ray, real Optuna, a real MLflow store (SQLite file, or mlflow/server.
    trials, continues unfinished ones from their checkpoints and keeps Optuna's state.
 3. the MLflow server down for a while mid-search: no epoch lost, none duplicated.
 4. Ctrl-C: a clean stop (exit 130, a resume hint, no run left RUNNING); `--resume` ends it.
+5. the driver's whole process group SIGKILLed (driver and local Ray, as when a terminal
+   closes) at five moments, each followed by `--resume`: one MLflow run per trial of the
+   finished search, every epoch once, true statuses; a trial lost with a crash is marked.
+6. ASHA resumed after such a kill takes the decisions of an uninterrupted search.
 
 Each search is tiny (ML-100K with random 16-d item vectors, hidden size 8, 4 epochs);
 epochs last about a second, long enough to kill something between two of them.
@@ -74,6 +78,17 @@ def session_processes(sid: int) -> list[tuple[int, str]]:
     return found
 
 
+def kill_session(sid: int) -> list[tuple[int, str]]:
+    """SIGKILL every process of session `sid`; returns those found."""
+    left = session_processes(sid)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
 class Driver:
     """`python run_search.py ...` in its own session, so that the Ray processes it starts
     can be told apart from any other Ray on this machine (they inherit the session)."""
@@ -112,12 +127,7 @@ class Driver:
 
     def kill_session(self) -> list[tuple[int, str]]:
         """SIGKILL the driver and every process of its session; returns those found."""
-        left = session_processes(self.pid)
-        for pid, _ in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        left = kill_session(self.pid)
         self.process.poll()
         return left
 
@@ -305,8 +315,8 @@ def test_resume_after_the_driver_was_killed(tmp_path, drivers):
     assert sorted(children) == sorted(after)
     for trial, run in children.items():
         assert (run.info.status, run.data.tags["outcome"]) == ("FINISHED", "completed")
-        # MLflow holds what Tune reported: repeats only where Tune itself re-ran an epoch
-        assert steps(uri, run) == sorted(epochs(after[trial])), trial
+        # every epoch once, also those Tune ran again after the restore
+        assert steps(uri, run) == list(range(1, EPOCHS + 1)), trial
 
 
 # ---------------------------------------------------------------- 3. tracking server outage
@@ -315,28 +325,30 @@ def test_tracking_server_outage_loses_and_duplicates_no_epoch(tmp_path, drivers)
     server = MlflowServer(tmp_path)
     server.start()
     try:
-        space = write_space(tmp_path, "outage", tracking_uri=server.url, num_samples=2)
+        # 8 epochs: the server goes down after the first and comes back 2 or more later
+        space = write_space(tmp_path, "outage", tracking_uri=server.url, num_samples=2,
+                            max_epochs=8)
         experiment = tmp_path / "results" / "outage"
         driver = drivers(["--space", str(space)], "search")
 
-        def reported() -> int:
-            return sum(len(r) for r in trials(experiment).values())
+        def reported() -> int:  # epochs checkpointed: seen at once (result.json lags)
+            return sum(progress(experiment).values())
         wait_until(lambda: reported() >= 1, driver, "a first epoch")
-        server.stop()
+        server.stop(crash=True)
         down_at = reported()
         wait_until(lambda: reported() >= down_at + 2, driver, "epochs during the outage")
         during = reported() - down_at
         server.start()
         assert driver.wait() == 0, driver.output[-3000:]
-        assert "MLflow store unreachable" in driver.output
 
         results = trials(experiment)
+        print(json.dumps({"epochs reported while the server was down": during}))
         assert len(results) == 2 and during >= 2
         parents, children = child_runs(server.url, "outage")
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert sorted(children) == sorted(results)
         for trial, run in children.items():
-            every_epoch = list(range(1, EPOCHS + 1))
+            every_epoch = list(range(1, 9))
             assert steps(server.url, run) == epochs(results[trial]) == every_epoch, trial
             assert steps(server.url, run, "train/loss") == every_epoch, trial
     finally:
@@ -382,3 +394,203 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path, drivers):
         ("FINISHED", "completed")]
     assert sorted(children) == sorted(after)
     assert {r.info.status for r in children.values()} == {"FINISHED"}
+
+
+# ---------------------------------------------------------------- 5. process group killed
+
+def progress(experiment: Path) -> dict[str, int]:
+    """Epochs each trial has checkpointed (checkpoint_every is 1). Trials upload their
+    checkpoints to the folder at once, while the driver copies its files (result.json,
+    Tune's state) there only every few checkpoints: this is the trials' true progress."""
+    return {d.name.removeprefix("trial_"): max(
+        (int(c.name.rsplit("_", 1)[1]) + 1 for c in d.glob("checkpoint_*")), default=0)
+        for d in experiment.glob("trial_*")}
+
+
+def kill_points(samples: int) -> list[tuple[str, object]]:
+    """(name, condition(progress now, progress when this driver started, folder)), in the
+    order a search reaches them; `grew`: trials this driver moved on (a lost one never)."""
+    def grew(now, start):
+        return {t: n for t, n in now.items() if n > start.get(t, 0)}
+
+    def done(now):
+        return sum(n == EPOCHS for n in now.values())
+    return [
+        ("before the first epoch", lambda now, start, folder:
+            (folder / "tuner.pkl").exists() and not any(now.values())),
+        ("mid-trial", lambda now, start, folder:
+            any(2 <= n < EPOCHS for n in grew(now, start).values())),
+        ("just after a trial starts", lambda now, start, folder:
+            done(now) >= 1 and 1 in grew(now, start).values()),
+        ("during the last trial", lambda now, start, folder: done(now) == samples - 1
+            and any(2 <= n < EPOCHS for n in grew(now, start).values())),
+        # seen in the results Tune saved with its state, not in the checkpoints: Ray 2.60
+        # deletes the checkpoint beyond num_to_keep as it registers a new one, before it
+        # saves its state again; a kill in between leaves a state naming a deleted
+        # checkpoint, from which the resumed trial cannot restore (Tune's race, not ours)
+        ("after the last trial", lambda now, start, folder: sum(
+            bool(rows) and rows[-1].get("finished") == 1
+            for rows in trials(folder).values()) == samples),
+    ]
+
+
+def mlflow_state(uri: str, experiment: str) -> dict:
+    """Per trial run: trial_id, status, outcome, the steps any metric holds twice."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000) if found else []
+    state = {"parents": [(r.info.status, r.data.tags.get("outcome")) for r in runs
+                         if r.data.tags.get("faerec.role") == "search"], "trials": []}
+    for run in runs:
+        if run.data.tags.get("faerec.role") != "trial":
+            continue
+        doubled = []
+        for key in run.data.metrics:
+            held = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            doubled += [(key, step) for step in sorted(set(held)) if held.count(step) > 1]
+        state["trials"].append({"trial_id": run.data.tags["trial_id"],
+                                "status": run.info.status,
+                                "outcome": run.data.tags.get("outcome"), "doubled": doubled})
+    return state
+
+
+def test_process_group_killed_at_five_moments_then_resumed(tmp_path, drivers):
+    """One search (3 trials, one at a time, no scheduler) whose process group is SIGKILLed
+    at each of five moments in turn, every kill followed by `--resume`. After every kill:
+    no trial has two runs and no metric a step twice; at the end: exactly one run per
+    trial of the finished search, every epoch once, all FINISHED; a run of a trial the
+    crash lost (not in Tune's saved state) is KILLED with outcome lost, and is in no summary."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(tmp_path, "group")
+    experiment = tmp_path / "results" / "group"
+    figures = []
+    args = ["--space", str(space)]
+    for number, (point, reached) in enumerate(kill_points(3)):
+        start = progress(experiment) if experiment.exists() else {}
+        driver = drivers(args, f"driver-{number}")
+
+        def at_point():
+            now = progress(experiment) if experiment.exists() else {}
+            return reached(now, start, experiment) and (now or {"no trial yet": 0})
+        now = wait_until(at_point, driver, point)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.process.wait(30)
+        driver.kill_session()  # whatever left the group (Ray's agents) but not the session
+        state = mlflow_state(uri, "group")
+        ids = [t["trial_id"] for t in state["trials"]]
+        figures.append({"point": point, "epochs at kill": now, "runs": len(ids),
+                        "trials with 2 runs": len(ids) - len(set(ids)),
+                        "doubled steps": sum(len(t["doubled"]) for t in state["trials"]),
+                        "runs as the kill left them": sorted(
+                            f"{t['trial_id']} {t['status']} {t['outcome']}"
+                            for t in state["trials"])})
+        assert len(ids) == len(set(ids)) and not figures[-1]["doubled steps"], figures
+        args = ["--space", str(space), "--resume"]
+
+    final = drivers(args, "final")
+    assert final.wait() == 0, final.output[-3000:]
+    grid = results_grid(experiment)
+    assert len(grid) == 3 and grid.num_terminated == 3 and not grid.errors, [
+        error.read_text()[-2000:] for error in experiment.glob("trial_*/error.txt")]
+    finished = {Path(r.path).name.removeprefix("trial_") for r in grid}
+    state = mlflow_state(uri, "group")
+    print(json.dumps({"kills": figures, "final": state}, indent=1))  # the report's figures
+    assert state["parents"] == [("FINISHED", "completed")]
+    kept = {t["trial_id"]: t for t in state["trials"] if t["outcome"] != "lost"}
+    lost = [t for t in state["trials"] if t["outcome"] == "lost"]
+    assert sorted(kept) == sorted(finished)  # one run per trial of the finished search
+    assert len(kept) + len(lost) == len(state["trials"])
+    assert all((t["status"], t["outcome"]) == ("FINISHED", "completed") for t in kept.values())
+    assert all(t["status"] == "KILLED" and t["trial_id"] not in finished for t in lost)
+    assert not any(t["doubled"] for t in state["trials"])
+    for trial_id in kept:
+        run = child_runs(uri, "group")[1][trial_id]
+        assert steps(uri, run) == list(range(1, EPOCHS + 1)), trial_id
+    summary = (experiment / "summary.csv").read_text()
+    assert sorted(line.split(",")[0] for line in summary.splitlines()[1:]) == sorted(finished)
+
+
+# ---------------------------------------------------------------- 6. ASHA after a restore
+
+ASHA_DRIVER = '''
+import json, sys, tempfile, time
+from pathlib import Path
+import ray
+from ray import tune
+from tuning.tuner import ResumableASHA
+
+def trainable(config):
+    """score = x * epoch, 4 epochs of 0.4 s, a checkpoint every epoch."""
+    start = 1
+    if checkpoint := tune.get_checkpoint():
+        with checkpoint.as_directory() as folder:
+            start = json.loads((Path(folder) / "e.json").read_text())["epoch"] + 1
+    for epoch in range(start, 5):
+        time.sleep(0.4)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "e.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report({"epoch": epoch, "score": config["x"] * epoch},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+storage, resume = sys.argv[1], sys.argv[2] == "resume"
+ray.init(num_cpus=1, include_dashboard=False)
+if resume:
+    tuner = tune.Tuner.restore(f"{storage}/asha", trainable, resume_unfinished=True)
+else:
+    tuner = tune.Tuner(
+        trainable, param_space={"x": tune.grid_search([0.5, 0.9, 0.3, 0.2, 0.8])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=1, trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            scheduler=ResumableASHA(time_attr="epoch", metric="score", mode="max", max_t=4,
+                                    grace_period=1, reduction_factor=2)),
+        run_config=tune.RunConfig(name="asha", storage_path=storage,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+tuner.fit()
+'''
+
+
+def test_asha_resumed_after_a_kill_decides_as_an_uninterrupted_search(tmp_path):
+    """Five trials, score = x * epoch, rungs at epochs 1 and 2, reduction factor 2. Worked by
+    hand, an uninterrupted search stops x=0.3 and x=0.2 at epoch 1 (below the median of the
+    rung: 0.7, then 0.5) and runs 0.5, 0.9, 0.8 to epoch 4. The driver is killed while the
+    x=0.9 trial is between its epochs 2 and 4, and resumed: that trial goes on from its
+    checkpoint (its epochs, not its iterations since the restore, meet the rungs), and the
+    rungs hold the records of before the kill (Ray's ASHA restores empty ones, which would
+    let x=0.3 run its 4 epochs)."""
+    script = tmp_path / "asha_driver.py"
+    script.write_text(ASHA_DRIVER)
+    storage = tmp_path / "results"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local",
+           "PYTHONPATH": str(ROOT)}
+
+    def start(mode: str) -> subprocess.Popen:
+        with open(tmp_path / f"{mode}.log", "w") as log:
+            return subprocess.Popen([sys.executable, str(script), str(storage), mode],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def by_x() -> dict[float, list[dict]]:
+        return {r[0]["config"]["x"]: r for r in trials(storage / "asha").values() if r}
+
+    first = start("first")
+    try:
+        deadline = time.monotonic() + DRIVER_TIMEOUT_S
+        while sorted(progress(storage / "asha").values()) not in ([2, 4], [3, 4]):
+            assert first.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        kill_session(first.pid)  # the driver and its local Ray
+        first.wait()
+        kill_session(first.pid)
+
+    second = start("resume")
+    try:
+        assert second.wait(DRIVER_TIMEOUT_S) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    finally:
+        kill_session(second.pid)
+    results = by_x()
+    reached = {x: max(epochs(rows)) for x, rows in results.items()}
+    assert reached == {0.5: 4, 0.9: 4, 0.3: 1, 0.2: 1, 0.8: 4}, reached
+    resumed = [r for r in results[0.9] if r["iterations_since_restore"] == 1 and r["epoch"] > 1]
+    assert resumed, "the x=0.9 trial did not go on from a checkpoint"

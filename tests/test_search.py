@@ -14,7 +14,6 @@ from model.data import SequenceData, load_dataset, resolve_dataset
 from model.train import Inputs
 from conftest import write_faerec_dataset
 from tuning.space import load_space
-from tuning.tracking import SearchTracker
 from tuning.tuner import build_tuner, run, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,12 +123,7 @@ def test_trials_get_the_dataset_through_the_object_store(tmp_path, local_ray):
     inputs = Inputs(in_memory, np.load(emb))
     for path in (data_path, emb):
         path.unlink()
-    tracker = SearchTracker(space.search.tracking_uri, space.name, tmp_path / "journal.jsonl")
-    tracker.start_search(space.name, params={}, tags={}, artifacts={})
-    try:
-        results = build_tuner(space, inputs, tracker, resume=False).fit()
-    finally:
-        tracker.close()
+    results = build_tuner(space, inputs, resume=False).fit()
     assert not results.errors
     assert list(summarise(results, space)["epochs"]) == [1, 1, 1, 1]
 

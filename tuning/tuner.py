@@ -7,9 +7,12 @@ object store, runs the trials and returns the summary of the search.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,9 @@ from model.train import load_inputs
 from tuning.cluster import check_cluster
 from tuning.space import SearchSpace, define_by_run, make_sampler
 from tuning.trainable import best_key, outcome, train_trial
-from tuning.tracking import MLflowTuneCallback, SearchTracker
+from tuning.tracking import MlflowCallback, read_results, sync, write_settings
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("test/overall/hr_10", "test/overall/ndcg_10", "test/tail/hr_10",
                    "test/tail/ndcg_10", "test/overall/hr_20")
@@ -81,14 +86,39 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def local_folder(space: SearchSpace) -> Path:
-    """Where the driver writes its own files (summary, MLflow journal, dataset stats):
+    """Where the driver writes its own files (summary, tracking.json, dataset stats):
     the experiment folder for local storage, else a folder in the project."""
     storage = space.search.storage_path
     base = Path(storage) if "://" not in storage else PROJECT_ROOT / "results"
     return base / space.name
 
 
-def build_tuner(space: SearchSpace, inputs, tracker: SearchTracker, resume: bool) -> tune.Tuner:
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive `Tuner.restore`. Tune saves neither the scheduler nor its
+    rung records (Ray 2.60 re-creates ASHA empty from tuner.pkl), so a resumed search would
+    judge its trials against empty rungs. Tune adds every restored trial again: replay the
+    results its folder holds (result.json, as Tune saved it with its state) into its
+    bracket, as they came the first time. Needs a local storage_path (else as Ray's)."""
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        restored = self._time_attr in trial.last_result  # a new trial has reported nothing
+        for result in read_results(trial.path) if restored else []:
+            if self._time_attr in result and self._metric in result:
+                bracket.on_result(trial, result[self._time_attr],
+                                  self._metric_op * result[self._metric])
+
+
+def can_resume(space: SearchSpace) -> bool:
+    """Whether Tune saved a state to continue from (a crash can come before its first)."""
+    path = f"{space.search.storage_path}/{space.name}"
+    return tune.Tuner.can_restore(path) and (
+        "://" in path or any(Path(path).glob("experiment_state-*.json")))
+
+
+def build_tuner(space: SearchSpace, inputs, resume: bool, callbacks=()) -> tune.Tuner:
+    """The search's Tuner, new or restored (a restored one keeps its first callbacks)."""
     s = space.search
     metric = best_key(s.metric)
     trainable = tune.with_resources(
@@ -97,8 +127,6 @@ def build_tuner(space: SearchSpace, inputs, tracker: SearchTracker, resume: bool
     storage = space.search.storage_path
     if resume:
         path = f"{storage}/{space.name}"
-        if not tune.Tuner.can_restore(path):
-            raise ConfigError(f"--resume: no search named {space.name!r} under {storage}")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
 
@@ -106,7 +134,7 @@ def build_tuner(space: SearchSpace, inputs, tracker: SearchTracker, resume: bool
                             sampler=make_sampler(space))
     if s.scheduler == "asha":
         # Epochs are the time unit; a trial is judged only after grace_period epochs.
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_epochs,
+        scheduler = ResumableASHA(time_attr="epoch", max_t=s.max_epochs,
                                   grace_period=s.grace_period,
                                   reduction_factor=s.reduction_factor)
     else:
@@ -124,7 +152,7 @@ def build_tuner(space: SearchSpace, inputs, tracker: SearchTracker, resume: bool
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=space.name, storage_path=storage,
-            callbacks=[MLflowTuneCallback(tracker, max_epochs=s.max_epochs)],
+            callbacks=list(callbacks),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             # num_to_keep >= 2: with 1, Ray floods the log with snapshot warnings.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -151,22 +179,33 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     stats_file = folder / "dataset_stats.json"
     stats_file.write_text(json.dumps(inputs.data.stats(), indent=2, default=str))
 
-    tracker = SearchTracker(s.tracking_uri, experiment_name=space.name,
-                            journal_path=folder / "mlflow-journal.jsonl")
-    parent = tracker.start_search(
-        space.name,
+    earlier = folder / "tracking.json"
+    search_id = (json.loads(earlier.read_text())["search_id"] if resume and earlier.exists()
+                 else uuid.uuid4().hex)  # a new search of an old name gets a new parent run
+    if resume and not can_resume(space):
+        if not earlier.exists():
+            raise ConfigError(f"--resume: no search named {space.name!r} under "
+                              f"{s.storage_path}")
+        logger.warning("--resume: the search %r stopped before Tune saved any state; "
+                       "starting it again", space.name)
+        resume = False
+    # The folder is the record of truth; MLflow is brought up to date from it.
+    shutil.copyfile(space.source, folder / "search_space.yaml")
+    write_settings(
+        folder, tracking_uri=s.tracking_uri, experiment=space.name, search=space.name,
+        search_id=search_id, stage="search", max_epochs=s.max_epochs, outcome="running",
+        best={}, tags={"dataset": inputs.data.name},
         params={"num_samples": s.num_samples, "max_epochs": s.max_epochs, "metric": s.metric,
                 "mode": s.mode, "scheduler": s.scheduler, "grace_period": s.grace_period,
                 "reduction_factor": s.reduction_factor, "cpu_per_trial": s.cpu,
                 "gpu_per_trial": s.gpu, "max_concurrent": s.max_concurrent, "seed": s.seed,
-                "dataset": inputs.data.name, "search_space": space.label},
-        tags={"dataset": inputs.data.name},
-        artifacts={"search_space.yaml": space.source, "dataset_stats.json": stats_file},
-        resume=resume)
+                "dataset": inputs.data.name, "search_space": space.label})
+    replica = sync(folder, starting=True)  # fails early on a wrong URI; ends a crash's runs
 
-    best, files, failed, interrupted = {}, {}, True, False
+    best, files, result = {}, {}, "failed"
     try:
-        results = build_tuner(space, inputs, tracker, resume).fit()
+        callbacks = [MlflowCallback(folder)]
+        results = build_tuner(space, inputs, resume, callbacks).fit()
         if results.num_terminated + results.num_errors < s.num_samples:
             # Tune catches the first Ctrl-C itself: it stops the trials, saves its state and
             # returns normally; a search that ran fewer trials to the end was interrupted.
@@ -179,15 +218,17 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
             best_result = results.get_best_result(metric=best_key(s.metric), mode=s.mode)
             best = {k: v for k, v in (best_result.metrics or {}).items()
                     if isinstance(v, (int, float)) and k.startswith(("best/", "test/"))}
-        failed = False
+        result = "completed"
     except KeyboardInterrupt:
-        interrupted = True
+        result = "interrupted"
         raise
     finally:
-        if not interrupted:  # an interrupted search is resumable: close() ends its runs KILLED
-            tracker.finish_search(best, artifacts={p.name: p for p in files.values()},
-                                  failed=failed)
-        tracker.close()
+        write_settings(folder, outcome=result, best=best)
+        try:  # waits (as long as MLflow's client retries) for a store that was unreachable
+            sync(folder, wait_s=300)
+        except Exception as exc:  # noqa: BLE001 - the folder keeps everything
+            logger.warning("MLflow not updated (%s); send the results later with: "
+                           "python -m tuning.tracking sync %s", exc, folder)
     counts = table["outcome"].value_counts().to_dict() if len(table) else {}
-    return SearchOutcome(results.experiment_path, table, files, counts, parent,
-                         tracker.experiment_id, time.perf_counter() - started)
+    return SearchOutcome(results.experiment_path, table, files, counts, replica.parent_id,
+                         replica.experiment_id, time.perf_counter() - started)
