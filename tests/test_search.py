@@ -147,3 +147,37 @@ def test_a_bad_space_is_refused_before_ray_starts(tmp_path, capsys):
     assert code == 2
     assert "params.lambda.low" in capsys.readouterr().err
     assert ray.is_initialized() == was_running
+
+
+def test_a_torn_state_save_is_set_aside_and_the_one_before_restores(finished_search, tmp_path):
+    """A kill while Tune copies its state can leave the newest searcher-state-*.pkl empty,
+    and Tune restores from the newest save: Optuna's restore then fails with EOFError."""
+    import shutil
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tuning.tuner import set_aside_torn_state
+
+    space, outcome = finished_search
+    folder = tmp_path / "experiment"
+    shutil.copytree(outcome.experiment_path, folder)
+    saved = sorted(folder.glob("searcher-state-*.pkl"))
+    assert saved, "the search saved no searcher state"
+    session = saved[-1].name[len("searcher-state-"):-len(".pkl")]
+    later = "9999-12-31_23-59-59"  # a newer session whose copy was cut short
+    for f in list(folder.glob(f"*{session}*")):
+        shutil.copyfile(f, folder / f.name.replace(session, later))
+    (folder / f"searcher-state-{later}.pkl").write_bytes(b"")
+    with pytest.raises(EOFError):
+        OptunaSearch().restore_from_dir(str(folder))
+
+    set_aside_torn_state(folder)
+
+    assert not list(folder.glob(f"[!t]*-{later}.*"))
+    assert (folder / f"torn-searcher-state-{later}.pkl").exists()
+    assert (folder / f"torn-experiment_state-{later}.json").exists()
+    restored = OptunaSearch()
+    restored.restore_from_dir(str(folder))
+    assert len(restored._ot_study.trials) == space.search.num_samples
+    set_aside_torn_state(folder)  # a complete newest save is left alone
+    assert (folder / f"experiment_state-{session}.json").exists()

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pickletools
 import shutil
 import time
 import uuid
@@ -110,6 +111,43 @@ class ResumableASHA(ASHAScheduler):
                                   self._metric_op * result[self._metric])
 
 
+# What Tune saves together under one session string, and how each is written (Ray 2.60's
+# search_gen_state-*.json holds a pickle despite its name).
+STATE_FILES = {"experiment_state-{}.json": "json", "search_gen_state-{}.json": "pickle",
+               "searcher-state-{}.pkl": "pickle", "callback-states-{}.pkl": "pickle"}
+
+
+def _complete(path: Path, kind: str) -> bool:
+    """Whether a state file reads to its end (pickles walked opcode by opcode: nothing loaded)."""
+    try:
+        if kind == "json":
+            json.loads(path.read_text())
+        else:
+            with path.open("rb") as f:
+                for _ in pickletools.genops(f):
+                    pass
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def set_aside_torn_state(experiment: Path) -> None:
+    """A kill while Tune copies its state into the experiment folder can leave the newest save
+    torn (seen in the group-kill test: an empty searcher-state-*.pkl, on which
+    `Tuner.restore` fails with EOFError). Rename such a save to torn-*: Tune then restores the
+    save before it, and the trials that started since are marked lost by the sync."""
+    for state in sorted(experiment.glob("experiment_state-*.json"), reverse=True):
+        session = state.name[len("experiment_state-"):-len(".json")]
+        files = {experiment / name.format(session): kind for name, kind in STATE_FILES.items()}
+        files = {f: kind for f, kind in files.items() if f.exists()}
+        if all(_complete(f, kind) for f, kind in files.items()):
+            return
+        for f in files:
+            f.rename(f.with_name(f"torn-{f.name}"))
+        logger.warning("--resume: Tune's state saved at %s is incomplete (killed while it was "
+                       "written); resuming from the save before it", session)
+
+
 def can_resume(space: SearchSpace) -> bool:
     """Whether Tune saved a state to continue from (a crash can come before its first)."""
     path = f"{space.search.storage_path}/{space.name}"
@@ -182,6 +220,8 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     earlier = folder / "tracking.json"
     search_id = (json.loads(earlier.read_text())["search_id"] if resume and earlier.exists()
                  else uuid.uuid4().hex)  # a new search of an old name gets a new parent run
+    if resume and "://" not in s.storage_path:
+        set_aside_torn_state(Path(s.storage_path) / space.name)
     if resume and not can_resume(space):
         if not earlier.exists():
             raise ConfigError(f"--resume: no search named {space.name!r} under "
