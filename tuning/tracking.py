@@ -33,11 +33,11 @@ from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
+from model.config import PROJECT_ROOT
 from tuning.trainable import outcome as ended_outcome
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_FILE = "tracking.json"
 PARENT_FILES = ("search_space.yaml", "dataset_stats.json", "summary.csv", "summary.md")
 EPOCH_PREFIXES = ("train/", "val/", "time/")  # logged every epoch; test/ once, at the end
