@@ -308,6 +308,16 @@ def test_w_max_is_spread_evenly_above_w_min(tmp_path, kind):
     assert stats.kstest(position, stats.uniform(GAP_MIN, 1 - GAP_MIN).cdf).pvalue > 0.01
 
 
+def test_loguniform_params_are_drawn_on_a_log_scale(tmp_path):
+    """tau is loguniform on [0.02, 0.5]: log(tau) is uniform on [log 0.02, log 0.5]."""
+    space = load_space(write(tmp_path, valid_space()))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    sample = define_by_run(space)
+    drawn = [math.log(sample(study.ask())["tau"]) for _ in range(400)]
+    low, high = math.log(0.02), math.log(0.5)
+    assert stats.kstest(drawn, stats.uniform(low, high - low).cdf).pvalue > 0.01
+
+
 def test_the_default_space_keeps_w_max_off_its_top(tmp_path):
     """The default space, both bounds searched: w_max hits 1.0 only when w_gap is 1."""
     space = load_space(PROJECT_ROOT / "search_spaces" / "faerec.yaml")
