@@ -293,6 +293,16 @@ def test_w_max_mapping_is_exact(tmp_path, w_min, drawn, w_max, expected):
     assert config["w_min"] == drawn.get("w_min", w_min)
 
 
+def test_w_max_stays_above_w_min_at_the_lowest_w_gap_a_sampler_can_draw(tmp_path):
+    space = w_space(tmp_path, uniform(0.1, 1.0), 0.3)
+    drawn = {"tau": 0.1, "alpha": 0.2, "period": 10, "dropout": 0.2}
+    trial = optuna.trial.FixedTrial({**drawn, "w_gap": 0.5})
+    define_by_run(space)(trial)
+    lowest = trial.distributions["w_gap"].low  # what define_by_run declares to Optuna
+    config = define_by_run(space)(optuna.trial.FixedTrial({**drawn, "w_gap": lowest}))
+    assert config["w_max"] > config["w_min"] == 0.3
+
+
 @pytest.mark.parametrize("kind", ["uniform", "loguniform"])
 def test_w_max_is_spread_evenly_above_w_min(tmp_path, kind):
     """With w_gap drawn at random, w_max above a fixed w_min 0.3 is uniform on (0.3, 1]
