@@ -103,7 +103,7 @@ def test_resume_from_snapshot_equals_an_uninterrupted_run(tiny_inputs):
     continue exactly. Several seeds, so that some interrupted run's best epoch is not its
     last: its final load_state_dict(best) must not rewrite the snapshot it handed out."""
     interrupted_best = []
-    for seed in (1, 2, 3):
+    for seed in (1, 3, 7):  # seed 7's 2-epoch run peaks at epoch 1 (asserted below)
         model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 4, "seed": seed}, "test")
         saved = {}
 
@@ -125,7 +125,8 @@ def test_resume_from_snapshot_equals_an_uninterrupted_run(tiny_inputs):
                 assert got == pytest.approx(want), (seed, name, want["epoch"])
             assert resumed.best_epoch == straight.best_epoch
             assert resumed.test == pytest.approx(straight.test), (seed, name)
-    assert min(interrupted_best) < 2  # the case the aliasing bug broke was exercised
+    # the case the aliasing bug broke was exercised; if training changes, pick another seed
+    assert min(interrupted_best) < 2, interrupted_best
 
 
 def test_test_metrics_are_those_of_the_best_validation_state(tiny_inputs):
