@@ -1,6 +1,6 @@
 """Mutation check: does the suite catch plausible bugs in the code behind published numbers?
 
-    python tests/mutation_check.py                 # every mutant: 17-30 min on 2 shared cores
+    python tests/mutation_check.py                 # every mutant: 8 min on 2 cores, 30 when shared
     python tests/mutation_check.py --only fit-no-restore --only fla-mean
     python tests/mutation_check.py --list
 
