@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test smoke ui clean-results
+.PHONY: run test smoke ui clean-results mutation
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +23,7 @@ smoke: $(STAMP)
 
 ui: $(STAMP)
 	bash mlflow/server.sh
+
+# Not part of `make test`: one plausible bug at a time in a copy, against its test file.
+mutation: $(STAMP)
+	$(PY) tests/mutation_check.py $(ARGS)

@@ -283,12 +283,14 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
         optimizer.load_state_dict(resume["optimizer"])
         rng.bit_generator.state = resume["rng"]
         torch.set_rng_state(resume["torch_rng"])
-        state = resume["loop"]
+        state = copy.deepcopy(resume["loop"])  # the caller's snapshot stays as it was
 
     def snapshot() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "loop": copy.deepcopy(state)}
+        # Copies: state_dict() tensors are the live ones, which training and the final
+        # load_state_dict(best) overwrite in place.
+        return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                              "loop": state})
 
     stopped_early = False
     for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):

@@ -1,4 +1,7 @@
-"""Shared fixtures: a small dataset in the paper's format, written where a test wants it."""
+"""Shared fixtures and helpers: a small dataset in the paper's format, and ranking metrics
+computed apart from the project's evaluation code."""
+
+import math
 
 import numpy as np
 import pytest
@@ -28,3 +31,37 @@ def write_faerec_dataset(folder, n_users=60, n_items=40, emb_dim=24, seed=0):
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_faerec_dataset(tmp_path / "data")
+
+
+def reference_metrics(model, data, split, max_len, ks=(5, 10, 20)):
+    """HR@K and NDCG@K (overall and tail) of `model` on a split, computed apart from
+    model.train.evaluate: histories and targets cut from the raw sequences, the model's
+    scores taken one user at a time, seen items (but the target) masked, ranks counted.
+
+    Leave-one-out: validation predicts seq[-2] from seq[:-2], test seq[-1] from seq[:-1];
+    users with fewer than 3 interactions are not evaluated."""
+    import torch
+
+    cut = {"val": 2, "test": 1}[split]
+    sums, users = {}, {"overall": 0, "tail": 0}
+    model.eval()
+    with torch.no_grad():
+        for seq in data.sequences:
+            if len(seq) < data.min_sequence_length:
+                continue
+            history, target = [int(i) for i in seq[:-cut]], int(seq[-cut])
+            window = history[-max_len:]
+            inputs = torch.tensor([[0] * (max_len - len(window)) + window])
+            scores = model.score_all(inputs)[0].tolist()
+            seen = set(history) - {target}
+            rank = sum(1 for item in range(1, data.n_items + 1)
+                       if item not in seen and scores[item] > scores[target])
+            groups = ["overall"] + (["tail"] if data.tail_mask[target] else [])
+            for group in groups:
+                users[group] += 1
+                for k in ks:
+                    hit = rank < k
+                    for metric, value in (("hr", float(hit)), ("ndcg", hit / math.log2(rank + 2))):
+                        key = f"{split}/{group}/{metric}_{k}"
+                        sums[key] = sums.get(key, 0.0) + value
+    return {key: value / users[key.split("/")[1]] for key, value in sums.items()}

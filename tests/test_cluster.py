@@ -12,6 +12,7 @@ id (never `ray stop`, which would stop every Ray on the machine).
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -372,27 +373,28 @@ def _pids_using(marker: str) -> list[int]:
 def test_submit_job_recipe(tmp_path, ray_token):
     # Short: Ray's Unix socket paths under the temp dir must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
-    gcs, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop(SHARED_STORAGE_ENV, None)
     log = open(tmp_path / "head.log", "w")
     started = time.perf_counter()
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--ray-client-server-port", str(free_port()),
-         "--dashboard-agent-listen-port", str(free_port()),
+         # Port 0: the head picks free ports itself and reports the dashboard's (no
+         # bind-then-release race). Ray refuses 0 for the Ray Client server, which this test
+         # never uses: losing its port to another process costs nothing here.
+         "--port", "0", "--dashboard-host", "127.0.0.1", "--dashboard-port", "0",
+         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", "0",
          "--num-cpus", "2", "--temp-dir", temp_dir],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_port(dash, head, tmp_path / "head.log")
+        dashboard = _wait_for_dashboard(head, tmp_path / "head.log")
         up_s = time.perf_counter() - started
 
         # Token authentication is on: a client without the token is turned away.
         no_token = {k: v for k, v in env.items()
                     if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
         refused = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
+            [str(VENV_BIN / "ray"), "job", "list", "--address", dashboard],
             env={**no_token, "HOME": str(tmp_path)}, capture_output=True, text=True,
             timeout=60)
         assert refused.returncode != 0
@@ -406,7 +408,7 @@ def test_submit_job_recipe(tmp_path, ray_token):
         t0 = time.perf_counter()
         job = subprocess.run(
             ["bash", str(ROOT / "cluster" / "submit_job.sh"), "--space", str(space)],
-            env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
+            env={**env, "RAY_ADDRESS": dashboard,
                  "TRACKING_URI": f"sqlite:///{db}", "STORAGE_PATH": str(storage)},
             capture_output=True, text=True, timeout=240)
         job_s = time.perf_counter() - t0
@@ -429,14 +431,15 @@ def test_submit_job_recipe(tmp_path, ray_token):
     assert len(runs) == 3 and roles.count("search") == 1, roles
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout=90.0) -> None:
+def _wait_for_dashboard(process: subprocess.Popen, log: Path, timeout=90.0) -> str:
+    """The dashboard's URL, as `ray start` reports it once the head is up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"ray start exited {process.returncode}:\n{log.read_text()}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        found = re.search(r"RAY_API_SERVER_ADDRESS='(http://127\.0\.0\.1:\d+)'", log.read_text())
+        if found:
+            return found.group(1)
         time.sleep(0.5)
     raise TimeoutError(f"dashboard not up after {timeout} s:\n{log.read_text()}")
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -213,13 +212,13 @@ def test_ml100k_from_an_empty_cache(ml100k):
         f"genres are {', '.join(first['class:token_seq'].split())}.")
 
 
-def test_ml100k_cache_hit_is_fast_and_reuses_the_entry(ml100k):
+def test_ml100k_cache_hit_reuses_the_entry(ml100k):
+    """A hit reads the entry back without rebuilding it (a rebuild would write a new file);
+    how fast that is belongs to a benchmark, not to a test on a shared machine."""
     cfg, data = ml100k
-    entry = next((Path(cfg.cache_dir) / "datasets").glob("*.npz"))
+    (entry,) = (Path(cfg.cache_dir) / "datasets").glob("*.npz")
     before = entry.stat()
-    start = time.perf_counter()
     again = load_dataset(cfg)
-    assert time.perf_counter() - start < 1.0
     after = entry.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert as_lists(again) == as_lists(data) and again.item_texts == data.item_texts

@@ -6,19 +6,15 @@ import math
 import warnings
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from scipy import stats
 
-# The space validates against model.train's settings and model.data's dataset fields.
-pytest.importorskip("model.train")
-pytest.importorskip("model.data")
-
-import optuna  # noqa: E402
-
-from model.errors import ConfigError  # noqa: E402
-from model.train import settings_from_dict  # noqa: E402
-from tuning.space import (ABLATIONS, GAP_MIN, PROJECT_ROOT, define_by_run,  # noqa: E402
-                          load_space, make_sampler, plan, trial_settings)
+from model.errors import ConfigError
+from model.train import settings_from_dict
+from tuning.space import (ABLATIONS, GAP_MIN, PROJECT_ROOT, define_by_run, load_space,
+                          make_sampler, plan, trial_settings)
 
 SHIPPED = sorted((PROJECT_ROOT / "search_spaces").glob("*.yaml"))
 N_SAMPLED = 200
@@ -260,6 +256,88 @@ def test_w_max_is_drawn_directly_when_its_range_lies_above_w_min(tmp_path):
     space = load_space(write(tmp_path, space))
     config = define_by_run(space)(optuna.create_study().ask())
     assert "w_gap" not in config and 0.95 <= config["w_max"] <= 1.0
+
+
+def w_space(tmp_path, w_max: dict, w_min=0.3):
+    """valid_space with this w_max param and w_min fixed (a number) or searched (a dict)."""
+    space = valid_space()
+    space["params"].pop("w_min")
+    space["params" if isinstance(w_min, dict) else "fixed"]["w_min"] = w_min
+    space["params"]["w_max"] = w_max
+    return load_space(write(tmp_path, space))
+
+
+LOG_01_1 = {"type": "loguniform", "low": 0.1, "high": 1.0}
+LOG_001_064 = {"type": "loguniform", "low": 0.01, "high": 0.64}
+
+
+# w_max = low + w_gap (high - low), low = max(w_min, w_max's low); on a log scale for a
+# loguniform w_max. Values worked by hand.
+@pytest.mark.parametrize("w_min, drawn, w_max, expected", [
+    (0.3, {"w_gap": 0.25}, uniform(0.1, 1.0), 0.475),           # 0.3 + 0.25 * 0.7
+    (0.3, {"w_gap": 1.0}, uniform(0.1, 1.0), 1.0),
+    (0.3, {"w_gap": GAP_MIN}, uniform(0.1, 1.0), 0.3007),
+    (uniform(0.1, 0.6), {"w_min": 0.2, "w_gap": 0.5}, uniform(0.5, 0.9), 0.7),  # 0.5 + 0.5 * 0.4
+    (uniform(0.1, 0.6), {"w_min": 0.55, "w_gap": 0.5}, uniform(0.5, 0.9), 0.725),
+    (0.3, {"w_gap": 0.5}, LOG_01_1, math.sqrt(0.3)),
+    (0.04, {"w_gap": 0.5}, LOG_001_064, 0.16),                  # sqrt(0.04 * 0.64)
+    (0.04, {"w_gap": 0.25}, LOG_001_064, 0.08),                 # 0.04 * 16 ** 0.25
+], ids=["uniform", "top", "floor", "w_max's own low", "searched w_min", "log", "log 2",
+        "log quarter"])
+def test_w_max_mapping_is_exact(tmp_path, w_min, drawn, w_max, expected):
+    space = w_space(tmp_path, w_max, w_min)
+    trial = optuna.trial.FixedTrial({"tau": 0.1, "alpha": 0.2, "period": 10, "dropout": 0.2,
+                                     **drawn})
+    config = define_by_run(space)(trial)
+    assert config["w_max"] == pytest.approx(expected, rel=1e-12)
+    assert config["w_min"] == drawn.get("w_min", w_min)
+
+
+def test_w_max_stays_above_w_min_at_the_lowest_w_gap_a_sampler_can_draw(tmp_path):
+    space = w_space(tmp_path, uniform(0.1, 1.0), 0.3)
+    drawn = {"tau": 0.1, "alpha": 0.2, "period": 10, "dropout": 0.2}
+    trial = optuna.trial.FixedTrial({**drawn, "w_gap": 0.5})
+    define_by_run(space)(trial)
+    lowest = trial.distributions["w_gap"].low  # what define_by_run declares to Optuna
+    config = define_by_run(space)(optuna.trial.FixedTrial({**drawn, "w_gap": lowest}))
+    assert config["w_max"] > config["w_min"] == 0.3
+
+
+@pytest.mark.parametrize("kind", ["uniform", "loguniform"])
+def test_w_max_is_spread_evenly_above_w_min(tmp_path, kind):
+    """With w_gap drawn at random, w_max above a fixed w_min 0.3 is uniform on (0.3, 1]
+    (on the log scale for loguniform): no pile-up at 1.0, no linear draw of a log range."""
+    space = w_space(tmp_path, {"type": kind, "low": 0.1, "high": 1.0})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sample = define_by_run(space)
+    drawn = [sample(study.ask())["w_max"] for _ in range(600)]
+    assert sum(w == 1.0 for w in drawn) <= 1 and min(drawn) > 0.3
+    scale = math.log if kind == "loguniform" else float
+    low, high = scale(0.3), scale(1.0)
+    position = [(scale(w) - low) / (high - low) for w in drawn]  # uniform on [GAP_MIN, 1]
+    assert stats.kstest(position, stats.uniform(GAP_MIN, 1 - GAP_MIN).cdf).pvalue > 0.01
+
+
+def test_loguniform_params_are_drawn_on_a_log_scale(tmp_path):
+    """tau is loguniform on [0.02, 0.5]: log(tau) is uniform on [log 0.02, log 0.5]."""
+    space = load_space(write(tmp_path, valid_space()))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    sample = define_by_run(space)
+    drawn = [math.log(sample(study.ask())["tau"]) for _ in range(400)]
+    low, high = math.log(0.02), math.log(0.5)
+    assert stats.kstest(drawn, stats.uniform(low, high - low).cdf).pvalue > 0.01
+
+
+def test_the_default_space_keeps_w_max_off_its_top(tmp_path):
+    """The default space, both bounds searched: w_max hits 1.0 only when w_gap is 1."""
+    space = load_space(PROJECT_ROOT / "search_spaces" / "faerec.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    sample = define_by_run(space)
+    configs = [sample(study.ask()) for _ in range(300)]
+    assert sum(c["w_max"] == 1.0 for c in configs) <= 1
+    for c in configs:
+        low = max(c["w_min"], space.param("w_max").low)
+        assert c["w_max"] == pytest.approx(low + c["w_gap"] * (1.0 - low), rel=1e-12)
 
 
 def independent_fallbacks(space, sample_fn, caplog) -> tuple[list[str], set[str]]:

@@ -188,12 +188,13 @@ def test_endpoint_gives_up_after_max_retries_and_rejects_4xx_at_once(endpoint, t
 
 def test_unreachable_endpoint_names_the_url(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_EMB_KEY", KEY)
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+    # A port held by this bound but never listening socket: connections to it are refused,
+    # and no other process can start listening there while the test runs.
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
-    with pytest.raises(ConfigError) as e:
-        item_embeddings(_dataset(["x"]), _openai_cfg(url, tmp_path, max_retries=1))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1/embeddings"
+        with pytest.raises(ConfigError) as e:
+            item_embeddings(_dataset(["x"]), _openai_cfg(url, tmp_path, max_retries=1))
     assert url in str(e.value) and KEY not in str(e.value)
 
 

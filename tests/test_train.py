@@ -1,16 +1,19 @@
 """The training loop: settings, negative sampling, evaluation masking, resume, CLI."""
 
+import dataclasses
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from model.data import DatasetConfig, load_dataset
+from conftest import reference_metrics
+from model.data import DatasetConfig, load_dataset, resolve_dataset
 from model.errors import ConfigError
+from model.faerec import FAERec, build_model
 from model.text import EmbeddingConfig
-from model.faerec import build_model
 from model.train import (SETTING_NAMES, EvalSplit, Inputs, TrainBatches, evaluate, fit,
                          load_inputs, main, make_optimizer, settings_from_dict, train_step)
 
@@ -91,23 +94,129 @@ def test_evaluation_never_ranks_seen_items(tiny_inputs):
     assert got["test/overall/hr_10"] == pytest.approx(hits / n)
 
 
+def without_times(history):
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
+
+
 def test_resume_from_snapshot_equals_an_uninterrupted_run(tiny_inputs):
-    model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 4, "seed": 3}, "test")
-    straight = fit(tiny_inputs, model_cfg, train_cfg)
+    """Snapshots taken at epoch 2, in a run that goes on and in one that ends there, both
+    continue exactly. Several seeds, so that some interrupted run's best epoch is not its
+    last: its final load_state_dict(best) must not rewrite the snapshot it handed out."""
+    interrupted_best = []
+    for seed in (1, 3, 7):  # seed 7's 2-epoch run peaks at epoch 1 (asserted below)
+        model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 4, "seed": seed}, "test")
+        saved = {}
 
-    saved = {}
+        def keep_epoch_2(name):
+            def on_epoch(record, snapshot):
+                if record.epoch == 2:
+                    saved[name], saved[name + " best epoch"] = snapshot(), record.best_epoch
+            return on_epoch
 
-    def keep_epoch_2(record, snapshot):
-        if record.epoch == 2:
-            saved["state"] = snapshot()
+        straight = fit(tiny_inputs, model_cfg, train_cfg, on_epoch=keep_epoch_2("running"))
+        first_cfg = settings_from_dict({**SMALL, "epochs": 2, "seed": seed}, "test")[1]
+        fit(tiny_inputs, model_cfg, first_cfg, on_epoch=keep_epoch_2("ended"))
+        interrupted_best.append(saved["ended best epoch"])
+        for name in ("running", "ended"):
+            resumed = fit(tiny_inputs, model_cfg, train_cfg, resume=saved[name])
+            assert resumed.epochs_run == 4
+            for got, want in zip(without_times(resumed.history), without_times(straight.history),
+                                 strict=True):
+                assert got == pytest.approx(want), (seed, name, want["epoch"])
+            assert resumed.best_epoch == straight.best_epoch
+            assert resumed.test == pytest.approx(straight.test), (seed, name)
+    # the case the aliasing bug broke was exercised; if training changes, pick another seed
+    assert min(interrupted_best) < 2, interrupted_best
 
-    first_cfg = settings_from_dict({**SMALL, "epochs": 2, "seed": 3}, "test")[1]
-    fit(tiny_inputs, model_cfg, first_cfg, on_epoch=keep_epoch_2)
-    resumed = fit(tiny_inputs, model_cfg, train_cfg, resume=saved["state"])
-    assert resumed.epochs_run == 4
-    assert [h["train/loss"] for h in resumed.history] == pytest.approx(
-        [h["train/loss"] for h in straight.history])
-    assert resumed.test == pytest.approx(straight.test)
+
+def test_test_metrics_are_those_of_the_best_validation_state(tiny_inputs):
+    """fit's test metrics come from the best validation epoch's weights (not the last
+    epoch's): they equal a separate evaluation of the snapshot taken at that epoch, and
+    the metrics test_on_improvement computed while training."""
+    # lr 0.03, seed 0: validation NDCG@20 peaks at epoch 2 of 4 on this data
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 4, "seed": 0, "lr": 0.03}, "test")
+    best = {}
+
+    def keep_best(record, snapshot):
+        if record.improved:
+            best.update(epoch=record.epoch, state=snapshot()["model"])
+
+    result = fit(tiny_inputs, model_cfg, train_cfg, on_epoch=keep_best)
+    assert result.best_epoch == best["epoch"] < result.epochs_run  # the case that can go wrong
+
+    data = tiny_inputs.data
+    model = build_model(dataclasses.replace(model_cfg, pca_init=False), data.n_items,
+                        torch.tensor(tiny_inputs.llm_embeddings), None,
+                        torch.tensor(data.train_popularity))
+    model.load_state_dict(best["state"])
+    expected = reference_metrics(model, data, "test", model_cfg.max_len)
+    assert {k: result.test[k] for k in expected} == pytest.approx(expected)
+    assert result.val["val/overall/ndcg_20"] == pytest.approx(
+        reference_metrics(model, data, "val", model_cfg.max_len)["val/overall/ndcg_20"])
+
+    during = fit(tiny_inputs, model_cfg, train_cfg, test_on_improvement=True)
+    assert during.test == pytest.approx(result.test)
+
+
+def test_curriculum_weight_follows_the_epochs_inside_fit(tiny_inputs):
+    """Eq. (11) with t = completed epochs: w1 = (w_max - w_min)(1 + cos(2 pi t / T)) / 2 + w_min,
+    here w_max 1, w_min 0.6, T 4: t = 0..4 -> 1, 0.8, 0.6, 0.8, 1 (hand-worked). The loss
+    weighs the two alignment terms by it (eqs. 12, 14), averaged over the epoch's steps."""
+    model_cfg, train_cfg = settings_from_dict(
+        {**SMALL, "epochs": 5, "w_max": 1.0, "w_min": 0.6, "period": 4, "alpha": 0.5,
+         "patience": 10}, "test")
+    records = []
+    fit(tiny_inputs, model_cfg, train_cfg, on_epoch=lambda record, snapshot: records.append(record))
+    weights = [r.metrics["train/w_ila"] for r in records]
+    assert weights == pytest.approx([1.0, 0.8, 0.6, 0.8, 1.0])
+    for r, w in zip(records, weights):
+        m = r.metrics
+        assert m["train/loss"] == pytest.approx(
+            m["train/rec"] + 0.5 * (w * m["train/ila"] + (1 - w) * m["train/fla"]), rel=1e-5)
+
+
+def test_feature_alignment_popularity_counts_training_interactions_only(tiny_inputs, monkeypatch):
+    """The FLA groups split items by how often training saw them: validation and test
+    items must not count (that would leak the held-out targets into training)."""
+    given = []
+    original = FAERec.__init__
+
+    def record_popularity(self, cfg, n_items, llm_embeddings, pca=None, train_popularity=None):
+        given.append(torch.as_tensor(train_popularity).clone())
+        original(self, cfg, n_items, llm_embeddings, pca, train_popularity)
+
+    monkeypatch.setattr(FAERec, "__init__", record_popularity)
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 1}, "test")
+    fit(tiny_inputs, model_cfg, train_cfg)
+    data = tiny_inputs.data
+    training, whole = Counter(), Counter()
+    for seq in data.sequences:
+        training.update(seq[:-2].tolist())  # the last two items are validation and test targets
+        whole.update(seq.tolist())
+    expected = [training[i] for i in range(data.n_items + 1)]
+    assert expected != [whole[i] for i in range(data.n_items + 1)]  # the leak would show
+    (popularity,) = given
+    assert popularity.tolist() == expected
+
+
+def test_training_rows_pair_each_input_with_the_next_item(tiny_inputs):
+    """Every user with a training pair appears once per epoch: input seq[:-3], target
+    seq[1:-2] (each target is the item after its input), both cut to the last max_len
+    items and left-padded at the same positions."""
+    data, max_len = tiny_inputs.data, 6  # shorter than most sequences: the cut is exercised
+
+    def padded(items):
+        items = items[-max_len:]
+        return (0,) * (max_len - len(items)) + tuple(items)
+
+    expected = Counter((padded(s[:-3].tolist()), padded(s[1:-2].tolist()))
+                       for s in data.sequences if len(s) >= 4)
+    batches = TrainBatches(data, max_len=max_len, rng=np.random.default_rng(0))
+    got = Counter()
+    for inputs, targets, _ in batches.epoch(7):
+        got.update((tuple(i.tolist()), tuple(t.tolist())) for i, t in zip(inputs, targets))
+    assert any(len(s) - 3 > max_len for s in data.sequences)
+    assert got == expected
 
 
 def test_bf16_autocast_step_stays_close_to_float32(tiny_inputs):
@@ -160,8 +269,14 @@ def test_cli_prints_one_json_object(tmp_path, tiny_dataset, capsys):
                  "--epochs", "2", "--set", "hidden_size=8", "--set", "max_len=10", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["epochs_run"] == 2 and 0 <= out["test/tail/hr_10"] <= 1
-    assert out["settings"]["method"] == "base"
+    assert out["epochs_run"] == 2 and out["settings"]["method"] == "base"
+    # the same run in process: the CLI prints fit's own test metrics
+    model_cfg, train_cfg = settings_from_dict(
+        {"backbone": "sasrec", "method": "base", "epochs": 2, "hidden_size": 8, "max_len": 10},
+        "test")
+    inputs = load_inputs(resolve_dataset(str(yaml_path)), EmbeddingConfig(), need_llm=False)
+    result = fit(inputs, model_cfg, train_cfg)
+    assert {k: v for k, v in out.items() if k.startswith("test/")} == pytest.approx(result.test)
 
 
 def test_min_epochs_trains_that_many_epochs_before_the_first_validation(tiny_inputs):
