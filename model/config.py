@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-import yaml
-
 from model.errors import ConfigError
+from model.yamlfile import load_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -494,10 +493,7 @@ def resolve_dataset(arg: str) -> DatasetConfig:
         names = ["ml-100k"] + sorted(p.stem for p in SHIPPED_DATASETS.glob("*.yaml"))
         raise ConfigError(f"--dataset {arg!r}: no such YAML file, and not a built-in dataset "
                           f"({', '.join(names)})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    doc = load_yaml(path, "dataset file")
     section = doc.get("dataset", doc) if isinstance(doc, dict) else doc
     if isinstance(section, str):  # `dataset: ml-100k` or `dataset: other.yaml` in a search space
         return resolve_dataset(str(path.parent / section) if section.endswith((".yaml", ".yml"))
