@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from model.config import PROJECT_ROOT
 from model.errors import ConfigError
 from model.train import load_inputs
+from model.urls import mask_text
 from tuning.cluster import check_cluster
 from tuning.space import SearchSpace, define_by_run, make_sampler
 from tuning.trainable import best_key, outcome, train_trial
@@ -197,6 +198,14 @@ def build_tuner(space: SearchSpace, inputs, resume: bool, callbacks=()) -> tune.
             progress_reporter=reporter, verbose=1))
 
 
+def _private_token_file() -> None:
+    """Ray 2.60 writes its authentication token (~/.ray/auth_token) readable by everyone
+    on the machine; whoever reads it can run code on the cluster."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
+
+
 def run(space: SearchSpace, resume: bool = False, address: str | None = None) -> SearchOutcome:
     started = time.perf_counter()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -208,6 +217,7 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     if not ray.is_initialized():
         # "local": without --address, never join a `ray start` cluster that happens to run here
         ray.init(address=address or "local", include_dashboard=False, configure_logging=False)
+        _private_token_file()
     check_cluster(space)  # before any file, MLflow run or trial: one error if not multi-node-safe
     folder = local_folder(space)
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,7 +240,9 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
                        "starting it again", space.name)
         resume = False
     # The folder is the record of truth; MLflow is brought up to date from it.
-    shutil.copyfile(space.source, folder / "search_space.yaml")
+    # uploaded to MLflow: a copy with credentials in a URI masked
+    (folder / "search_space.yaml").write_text(
+        mask_text(Path(space.source).read_text(encoding="utf-8")))
     write_settings(
         folder, tracking_uri=s.tracking_uri, experiment=space.name, search=space.name,
         search_id=search_id, stage="search", max_epochs=s.max_epochs, outcome="running",
