@@ -180,9 +180,16 @@ class FitResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of the `device` setting; a GPU that is not there is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    visible = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= visible:
+        raise ConfigError(f"device = {name!r}: torch sees {visible} GPU(s)"
+                          + (f" (cuda:0..cuda:{visible - 1})" if visible else "")
+                          + "; use cpu or auto")
+    return device
 
 
 def train_step(model, optimizer, batch, epoch: int, autocast: bool = False) -> dict[str, torch.Tensor]:
@@ -387,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seed is not None:
             settings["seed"] = args.seed
         model_cfg, train_cfg = settings_from_dict(settings, "command line")
+        resolve_device(train_cfg.device)  # before the data loads
         dataset_cfg = resolve_dataset(args.dataset)
         embedding_cfg = embedding_config_from_dict(
             parse_assignments(args.embedding, "--embedding"), "--embedding")
