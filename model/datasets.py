@@ -7,6 +7,7 @@ Times only need to sort: they are int64 in whatever unit the file uses.
 """
 import ast
 import gzip
+import hashlib
 import json
 import numbers
 import os
@@ -80,6 +81,15 @@ class Interactions:
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k"  # + ".inter" / ".item"
+# PyPI's sha256 of that file: a changed or tampered download is refused, never read
+RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+
+
+def _check_wheel_hash(path: Path) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != RECBOLE_WHEEL_SHA256:
+        raise DataError(f"{path}: sha256 {digest} is not the pinned {RECBOLE_WHEEL_SHA256} of "
+                        f"{RECBOLE_WHEEL}; delete the file to download it again")
 
 
 def fetch_ml100k(cache_dir: Path) -> Path:
@@ -87,6 +97,7 @@ def fetch_ml100k(cache_dir: Path) -> Path:
     Only the two data files are read from it: recbole is never installed or imported."""
     wheel = cache_dir / "downloads" / RECBOLE_WHEEL
     if wheel.exists():
+        _check_wheel_hash(wheel)
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=wheel.parent))  # own folder: parallel downloads don't clash
@@ -98,6 +109,7 @@ def fetch_ml100k(cache_dir: Path) -> Path:
             raise DataError(f"ml-100k: `pip download {RECBOLE_REQUIREMENT}` failed "
                             f"({done.stderr.strip()[-500:]}); offline, copy {RECBOLE_WHEEL} "
                             f"into {wheel.parent}")
+        _check_wheel_hash(tmp / RECBOLE_WHEEL)
         os.replace(tmp / RECBOLE_WHEEL, wheel)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
