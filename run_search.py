@@ -55,11 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    if address is None:
-        # A search on this machine alone: Ray takes 127.0.0.1 as the node's address, so
-        # its servers (GCS, raylet, workers, agents) listen on loopback only. Ray reads
-        # this when it is imported, hence here, before tuning.tuner imports it.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from tuning.tuner import run
     try:
         outcome = run(space, resume=args.resume, address=address)

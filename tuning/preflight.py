@@ -56,10 +56,10 @@ def _check_database(uri: str, shown: str) -> None:
 
     try:
         make_url(uri).get_dialect().import_dbapi()
+    except NoSuchModuleError as e:  # before ArgumentError, its base class
+        raise ConfigError(f"{shown}: unknown database driver ({e})") from None
     except (ArgumentError, ValueError) as e:
         raise ConfigError(f"{shown}: not a database URL ({e})") from None
-    except NoSuchModuleError as e:
-        raise ConfigError(f"{shown}: unknown database driver ({e})") from None
     except ImportError as e:
         raise ConfigError(f"{shown}: the database's Python driver is not installed "
                           f"({e.name or e}); install it (e.g. psycopg2-binary for "

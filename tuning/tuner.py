@@ -28,7 +28,7 @@ from model.config import PROJECT_ROOT
 from model.errors import ConfigError
 from model.train import load_inputs
 from model.urls import mask_text
-from tuning.cluster import check_cluster
+from tuning.cluster import check_cluster, start_ray
 from tuning.space import SearchSpace, define_by_run, make_sampler
 from tuning.trainable import best_key, outcome, train_trial
 from tuning.tracking import MlflowCallback, read_results, sync, write_settings
@@ -198,14 +198,6 @@ def build_tuner(space: SearchSpace, inputs, resume: bool, callbacks=()) -> tune.
             progress_reporter=reporter, verbose=1))
 
 
-def _private_token_file() -> None:
-    """Ray 2.60 writes its authentication token (~/.ray/auth_token) readable by everyone
-    on the machine; whoever reads it can run code on the cluster."""
-    token = Path.home() / ".ray" / "auth_token"
-    if token.is_file() and token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
-        token.chmod(0o600)
-
-
 def run(space: SearchSpace, resume: bool = False, address: str | None = None) -> SearchOutcome:
     started = time.perf_counter()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -215,9 +207,7 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     s = space.search
     if not ray.is_initialized():
-        # "local": without --address, never join a `ray start` cluster that happens to run here
-        ray.init(address=address or "local", include_dashboard=False, configure_logging=False)
-        _private_token_file()
+        start_ray(address)
     check_cluster(space)  # before any file, MLflow run or trial: one error if not multi-node-safe
     folder = local_folder(space)
     folder.mkdir(parents=True, exist_ok=True)

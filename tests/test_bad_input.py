@@ -1,0 +1,200 @@
+"""Bad input, through the real command lines: one clear message naming the file, the field
+and the value, exit status 2, and nothing created (no results folder, no MLflow store).
+
+Every case runs the `main(argv)` of `run_search.py`, `python -m model.train` or
+`python -m model.data` (argument parsing, validation, preflight, error printing) inside
+ONE fresh interpreter that takes the cases in turn: each CLI start imports torch (about
+5-10 s on the shared CPU), so a process per case would make this file take minutes.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A valid space: each case breaks one thing in it.
+SPACE = """\
+name: probe
+dataset: ml-100k
+embedding:
+  encoder: random
+  dim: 8
+fixed:
+  hidden_size: 8
+search:
+  metric: val/overall/ndcg_20
+  num_samples: 2
+  max_epochs: 2
+  resources:
+    cpu: 1
+    gpu: 0
+params:
+  lambda:
+    type: loguniform
+    low: 0.001
+    high: 0.1
+"""
+
+# Runs the cases it reads on stdin, each through its CLI's main(argv), and writes one
+# JSON result per case: exit status, what was printed, seconds to the message.
+RUNNER = r"""
+import contextlib, importlib, io, json, os, sys, time, traceback
+results = []
+for case in json.load(sys.stdin):
+    saved = dict(os.environ)
+    os.environ.update(case["env"])
+    for name in case["unset"]:
+        os.environ.pop(name, None)
+    out, err = io.StringIO(), io.StringIO()
+    tic = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = importlib.import_module(case["module"]).main(case["argv"])
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            rc = "traceback"
+            traceback.print_exc()
+    results.append({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                    "seconds": time.perf_counter() - tic})
+    os.environ.clear()
+    os.environ.update(saved)
+print(json.dumps(results))
+"""
+
+
+@dataclass
+class Case:
+    id: str
+    module: str                      # run_search | model.train | model.data
+    argv: list[str]                  # {tmp} = the case's own folder, {space} = its space file
+    expect: list[str]                # all in the message: file, field, value
+    space: str | bytes | None = None  # the space file's text (run_search), SPACE if None
+    files: dict[str, str | bytes] = field(default_factory=dict)  # more files in {tmp}
+    env: dict[str, str] = field(default_factory=dict)
+    unset: list[str] = field(default_factory=list)
+    rc: int = 2
+    secret: str | None = None        # must appear nowhere in what is printed
+
+
+def _replace(old: str, new: str) -> str:
+    assert old in SPACE
+    return SPACE.replace(old, new)
+
+
+def search(*extra: str) -> list[str]:
+    """run_search.py's arguments: the case's space, results and MLflow store in {tmp}."""
+    return ["--space", "{space}", "--storage-path", "{tmp}/results",
+            "--tracking-uri", "sqlite:///{tmp}/mlflow.db", *extra]
+
+
+CASES = [
+    Case("tracking-uri-scheme", "run_search", search("--tracking-uri", "ftp://x"),
+         ["search.tracking_uri", "ftp://x", "ftp://"]),
+    Case("tracking-uri-credentials-masked", "run_search",
+         search("--tracking-uri", "postgresql+nosuchdriver://alice:s3cret-pw@db/mlflow"),
+         ["search.tracking_uri", "postgresql+nosuchdriver://***@db/mlflow", "driver"],
+         secret="s3cret-pw"),
+    Case("storage-path-not-a-folder", "run_search", search("--storage-path", "{tmp}/a-file/results"),
+         ["search.storage_path", "{tmp}/a-file/results", "is a file, not a folder"],
+         files={"a-file": "not a folder"}),
+    Case("address-refused", "run_search", search("--address", "127.0.0.1:{port}"),
+         ["--address 127.0.0.1:{port}", "cannot connect"]),
+    Case("address-auto-no-cluster", "run_search", search("--address", "auto"),
+         ["--address auto", "no running Ray cluster"],
+         env={"RAY_TMPDIR": "{tmp}"}, unset=["RAY_ADDRESS"]),
+    Case("resume-unknown-name", "run_search", search("--resume", "--name", "neverran"),
+         ["--resume", "'neverran'", "{tmp}/results"]),
+    Case("duplicate-yaml-key", "run_search", search(), ["{space}:11", "'num_samples'", "twice", "line 10"],
+         space=_replace("  num_samples: 2\n", "  num_samples: 2\n  num_samples: 40\n")),
+    Case("space-not-utf8", "run_search", search(), ["{space}:1", "not UTF-8", "\\xe9"],
+         space=SPACE.replace("name: probe", "name: probe-caf\xe9").encode("latin-1")),
+    Case("search-device-ignored", "run_search", search(), ["{space}", "fixed.device", "search.resources.gpu"],
+         space=_replace("fixed:\n", "fixed:\n  device: cuda:7\n")),
+    Case("gpus-this-machine-lacks", "run_search", search(),
+         ["{space}", "search.resources.gpu = 64", "GPU"],
+         space=_replace("    gpu: 0\n", "    gpu: 64\n")),
+    Case("non-finite-fixed-setting", "run_search", search(), ["{space}", "fixed", "alpha", "inf"],
+         space=_replace("fixed:\n", "fixed:\n  alpha: .inf\n")),
+    Case("impossible-date-unquoted", "run_search", search(),
+         ["{tmp}/yelp.yaml", "dataset.date_start", "'2020-13-01'", "YYYY-MM-DD"],
+         space=_replace("dataset: ml-100k", "dataset: yelp.yaml"),
+         files={"yelp.yaml": "format: yelp\ninteractions: r.json\ndate_start: 2020-13-01\n"}),
+    # a dry run succeeds and prints the plan, the tracking server's password masked (the
+    # plan reaches Slurm and `ray job` logs; the label is also an MLflow param)
+    Case("plan-masks-credentials", "run_search",
+         search("--dry-run", "--tracking-uri", "http://alice:s3cret-pw@127.0.0.1:5000"),
+         ["MLflow:     http://***@127.0.0.1:5000", "tracking_uri='http://***@127.0.0.1:5000'"],
+         rc=0, secret="s3cret-pw"),
+    Case("train-set-inf", "model.train", ["--set", "lambda=.inf", "--epochs", "1"],
+         ["command line", "lambda", "finite", "inf"]),
+    Case("train-device-beyond-visible", "model.train", ["--set", "device=cuda:63"],
+         ["device", "'cuda:63'", "GPU"]),
+    Case("endpoint-key-over-http", "model.train",
+         ["--embedding", "encoder=openai", "--embedding", "url=http://example.com/v1/embeddings",
+          "--embedding", "model=m"], ["embedding.url", "http://example.com", "https"],
+         env={"OPENAI_API_KEY": "sk-test-key-1234"}, secret="sk-test-key-1234"),
+    Case("endpoint-key-variable-not-an-api-key", "model.train",
+         ["--embedding", "encoder=openai", "--embedding", "url=https://example.com/v1",
+          "--embedding", "model=m", "--embedding", "api_key_env=RAY_AUTH_TOKEN"],
+         ["embedding.api_key_env", "'RAY_AUTH_TOKEN'", "API_KEY"]),
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case, run once in one fresh interpreter; {case id: (result, its folder)}."""
+    root = tmp_path_factory.mktemp("bad-input")
+    with socket.socket() as held:  # bound, never listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        port = str(held.getsockname()[1])
+        batch, folders = [], {}
+        for case in CASES:
+            tmp = root / case.id
+            tmp.mkdir()
+            space = tmp / "space.yaml"
+            text = SPACE if case.space is None else case.space
+            space.write_bytes(text if isinstance(text, bytes) else text.encode())
+            for name, content in case.files.items():
+                (tmp / name).write_bytes(content if isinstance(content, bytes)
+                                         else content.encode())
+
+            def fill(s, tmp=tmp, space=space):
+                return s.replace("{tmp}", str(tmp)).replace("{space}", str(space)).replace(
+                    "{port}", port)
+            batch.append({"module": case.module, "argv": [fill(a) for a in case.argv],
+                          "env": {k: fill(v) for k, v in case.env.items()},
+                          "unset": case.unset})
+            folders[case.id] = (tmp, fill)
+        done = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(batch),
+                              capture_output=True, text=True, cwd=ROOT, timeout=600,
+                              env={**_env(), "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    return {case.id: (answer, *folders[case.id]) for case, answer in zip(CASES, answers)}
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY",)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_clear_message_and_creates_nothing(case, results):
+    answer, tmp, fill = results[case.id]
+    message = answer["stderr"] if case.rc else answer["stdout"]
+    print(f"{case.id}: {answer['seconds']:.2f} s: {message.strip()}")  # shown by pytest -rP
+    assert answer["rc"] == case.rc, answer["stderr"]
+    if case.rc:
+        assert message.startswith("error: ") and "Traceback" not in message, message
+        assert len(message.strip().splitlines()) == 1, message  # one message, not a log
+    for part in case.expect:
+        assert fill(part) in message, f"{fill(part)!r} not in {message!r}"
+    assert not (tmp / "results").exists() and not (tmp / "mlflow.db").exists()
+    assert not case.secret or case.secret not in answer["stderr"] + answer["stdout"]
