@@ -162,8 +162,12 @@ def read_faerec(path: Path) -> tuple[list[np.ndarray], list[str]]:
     """`uid i1 i2 ...` per line, items already numbered from 1 in time order: kept as they
     are, so row i-1 of the paper's `itm_emb_np.npy` stays item i."""
     sequences, users = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported at its line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}, line {line_no}: not UTF-8 text: {raw[:80]!r}") from None
             parts = line.split()
             if not parts:
                 continue
@@ -217,7 +221,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
                     try:
                         record = ast.literal_eval(line.strip())
                     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -354,6 +358,11 @@ def _time_values(column: pd.Series, path: Path) -> np.ndarray:
     """Numbers if the first value is one, else dates (then in nanoseconds)."""
     numbers = pd.to_numeric(column, errors="coerce")
     is_number = not pd.isna(numbers.iloc[0]) if len(column) else True
+    if not is_number and numbers.notna().any():  # pandas would read 1999 as a year
+        row = int(np.flatnonzero(numbers.notna().to_numpy())[0])
+        raise DataError(f"{path}, data row {row + 1}: time {column.iloc[row]!r} (column "
+                        f"{column.name!r}) is a number, but the first row's "
+                        f"{column.iloc[0]!r} is a date: the column mixes dates and numbers")
     times = numbers if is_number else pd.to_datetime(column, errors="coerce", format="mixed")
     if times.isna().any():
         row = int(np.flatnonzero(times.isna().to_numpy())[0])
