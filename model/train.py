@@ -25,7 +25,7 @@ import yaml
 
 from model.config import (SETTING_NAMES, EmbeddingConfig, FAERecConfig, TrainConfig,
                           embedding_config_from_dict, settings_from_dict, settings_to_dict)
-from model.data import SequenceData, load_dataset, pad_left, resolve_dataset
+from model.data import SequenceData, check_trainable, load_dataset, pad_left, resolve_dataset
 from model.errors import ConfigError
 from model.faerec import build_model
 from model.metrics import RankingEvaluator
@@ -43,6 +43,7 @@ class Inputs:
 
 def load_inputs(dataset_cfg, embedding_cfg: EmbeddingConfig, need_llm: bool = True) -> Inputs:
     data = load_dataset(dataset_cfg)
+    check_trainable(data, dataset_cfg)
     llm = item_embeddings(data, embedding_cfg) if need_llm else None
     return Inputs(data, llm)
 
