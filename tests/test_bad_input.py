@@ -7,6 +7,7 @@ ONE fresh interpreter that takes the cases in turn: each CLI start imports torch
 5-10 s on the shared CPU), so a process per case would make this file take minutes.
 """
 
+import io
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,7 @@ class Case:
     unset: list[str] = field(default_factory=list)
     rc: int = 2
     secret: str | None = None        # must appear nowhere in what is printed
+    warns: bool = False              # rc 0, and `expect` is a warning on stderr
 
 
 def _replace(old: str, new: str) -> str:
@@ -148,10 +151,85 @@ CASES = [
 ]
 
 
+def describe(name: str) -> list[str]:
+    """`python -m model.data describe` of the dataset file {tmp}/NAME, as JSON."""
+    return ["describe", "--dataset", "{tmp}/" + name, "--json"]
+
+
+def csv_dataset(interactions: str, extra: str = "") -> dict[str, str]:
+    """A csv dataset (columns user, item, time) and its section d.yaml, cache in {tmp}."""
+    return {"i.csv": interactions, "d.yaml": "format: csv\ninteractions: i.csv\n"
+            "user_column: user\nitem_column: item\ntime_column: time\ncache_dir: cache\n"
+            + extra}
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+NESTED = '{"reviewerID": "a", "asin": ' + "[" * 100_000 + "]" * 100_000 + ', "unixReviewTime": 1}\n'
+SHORT_USERS = "".join(f"{u} {u} {u + 1}\n" for u in range(1, 30))  # every user: 2 items
+SHOP = "format: csv\nname: shop.{v}\ninteractions: {f}\ncache_dir: {{root}}/shared-cache\n" \
+       "user_column: user\nitem_column: item\ntime_column: time\n"
+
+CASES += [
+    # the data layer, through `python -m model.data describe` and `python -m model.train`
+    Case("dotted-name-1", "model.data", describe("shop.yaml"), ['"name": "shop.v1"', '"users": 2'],
+         rc=0, files={"a.csv": "user,item,time\nu1,a,1\nu1,b,2\nu2,a,3\n",
+                      "shop.yaml": SHOP.format(v="v1", f="a.csv")}),
+    # same cache folder, another file and name that differ after the dot: its own entry
+    Case("dotted-name-2", "model.data", describe("shop.yaml"), ['"name": "shop.v2"', '"users": 3'],
+         rc=0, files={"b.csv": "user,item,time\nu1,a,1\nu2,b,2\nu3,c,3\nu3,a,4\n",
+                      "shop.yaml": SHOP.format(v="v2", f="b.csv")}),
+    Case("time-mixes-dates-and-numbers", "model.data", describe("d.yaml"),
+         ["{tmp}/i.csv", "data row 2", "'1999'", "'time'", "mixes dates and numbers"],
+         files=csv_dataset("user,item,time\nu1,a,2020-01-01\nu1,b,1999\nu2,a,2020-01-03\n")),
+    Case("every-row-duplicated", "model.data", describe("d.yaml"),
+         ["{tmp}/i.csv", "3 of 6", "repeat"], warns=True,
+         files=csv_dataset("user,item,time\n" + "u1,a,1\nu1,a,1\nu1,b,2\nu1,b,2\nu2,a,3\nu2,a,3\n")),
+    Case("items-table-lacks-most-ids", "model.data", describe("d.yaml"),
+         ["{tmp}/items.csv", "2 of 3 items", "unknown"], warns=True,
+         files={**csv_dataset("user,item,time\nu1,a,1\nu1,b,2\nu2,c,3\n", "items: items.csv\n"
+                                            "item_id_column: item_id\n"),
+                "items.csv": "item_id,title\na,Alpha\nz,Zulu\n"}),
+    Case("sparsity-with-repeated-items", "model.data", describe("d.yaml"), ['"sparsity": 0.0'],
+         rc=0, files=csv_dataset("user,item,time\nu1,a,1\nu1,a,2\nu1,a,3\nu1,a,4\n")),
+    Case("faerec-not-utf8", "model.data", describe("d.yaml"), ["{tmp}/f.txt", "line 2", "UTF-8"],
+         files={"f.txt": b"1 1 2 3\n2 2 \xff 3\n", "d.yaml": "format: faerec\ninteractions: f.txt\n"
+                "cache_dir: cache\n"}),
+    Case("impossible-date-start-quoted", "model.data", describe("d.yaml"),
+         ["{tmp}/d.yaml", "dataset.date_start", "'2020-13-01'"],
+         files={"d.yaml": "format: yelp\ninteractions: r.json\ndate_start: '2020-13-01'\n"}),
+    Case("npy-of-strings", "model.data", describe("d.yaml"), ["{tmp}/e.npy", "dtype"],
+         files={"f.txt": "1 1 2 3\n2 2 1 3\n", "e.npy": _npy(np.array([["a"], ["b"], ["c"]])),
+                "d.yaml": "format: faerec\ninteractions: f.txt\nembeddings: e.npy\n"
+                          "cache_dir: cache\n"}),
+    Case("amazon-line-nested-too-deep", "model.data", describe("d.yaml"),
+         ["{tmp}/r.json", "line 2", "JSON"],
+         files={"r.json": '{"reviewerID": "a", "asin": "x", "unixReviewTime": 1}\n' + NESTED,
+                "d.yaml": "format: amazon\ninteractions: r.json\ncache_dir: cache\n"}),
+    Case("cache-dir-not-writable", "model.data", describe("d.yaml"),
+         ["dataset.cache_dir", "{tmp}/a-file/cache", "not a writable folder"],
+         files={**csv_dataset("user,item,time\nu1,a,1\nu1,b,2\n"), "a-file": "x",
+                "d.yaml": "format: csv\ninteractions: i.csv\nuser_column: user\n"
+                          "item_column: item\ntime_column: time\ncache_dir: a-file/cache\n"}),
+    Case("every-user-shorter-than-3", "model.train",
+         ["--dataset", "{tmp}/d.yaml", "--method", "base", "--epochs", "1"],
+         ["{tmp}/f.txt", "min_sequence_length", "3"],
+         files={"f.txt": SHORT_USERS, "d.yaml": "format: faerec\ninteractions: f.txt\n"
+                "cache_dir: cache\n"}),
+]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every case, run once in one fresh interpreter; {case id: (result, its folder)}."""
     root = tmp_path_factory.mktemp("bad-input")
+
+    def fill_root(text: str) -> bytes:
+        return text.replace("{root}", str(root)).encode()
     with socket.socket() as held:  # bound, never listening: connections are refused
         held.bind(("127.0.0.1", 0))
         port = str(held.getsockname()[1])
@@ -164,11 +242,11 @@ def results(tmp_path_factory):
             space.write_bytes(text if isinstance(text, bytes) else text.encode())
             for name, content in case.files.items():
                 (tmp / name).write_bytes(content if isinstance(content, bytes)
-                                         else content.encode())
+                                         else fill_root(content))
 
             def fill(s, tmp=tmp, space=space):
                 return s.replace("{tmp}", str(tmp)).replace("{space}", str(space)).replace(
-                    "{port}", port)
+                    "{port}", port).replace("{root}", str(root))
             batch.append({"module": case.module, "argv": [fill(a) for a in case.argv],
                           "env": {k: fill(v) for k, v in case.env.items()},
                           "unset": case.unset})
@@ -188,10 +266,10 @@ def _env():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_clear_message_and_creates_nothing(case, results):
     answer, tmp, fill = results[case.id]
-    message = answer["stderr"] if case.rc else answer["stdout"]
+    message = answer["stderr"] if case.rc or case.warns else answer["stdout"]
     print(f"{case.id}: {answer['seconds']:.2f} s: {message.strip()}")  # shown by pytest -rP
-    assert answer["rc"] == case.rc, answer["stderr"]
-    if case.rc:
+    assert answer["rc"] == (0 if case.warns else case.rc), answer["stderr"]
+    if case.rc and not case.warns:
         assert message.startswith("error: ") and "Traceback" not in message, message
         assert len(message.strip().splitlines()) == 1, message  # one message, not a log
     for part in case.expect:
