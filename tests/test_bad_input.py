@@ -110,6 +110,8 @@ CASES = [
          files={"a-file": "not a folder"}),
     Case("address-refused", "run_search", search("--address", "127.0.0.1:{port}"),
          ["--address 127.0.0.1:{port}", "cannot connect"]),
+    Case("address-not-a-ray-head", "run_search", search("--address", "127.0.0.1:{mute_port}"),
+         ["--address 127.0.0.1:{mute_port}", "not a Ray head"]),
     Case("address-auto-no-cluster", "run_search", search("--address", "auto"),
          ["--address auto", "no running Ray cluster"],
          env={"RAY_TMPDIR": "{tmp}"}, unset=["RAY_ADDRESS"]),
@@ -230,9 +232,14 @@ def results(tmp_path_factory):
 
     def fill_root(text: str) -> bytes:
         return text.replace("{root}", str(root)).encode()
-    with socket.socket() as held:  # bound, never listening: connections are refused
+    # bound, never listening: connections are refused; listening, never answering: TCP
+    # connects (the kernel's backlog) but no gRPC handshake ever comes
+    with socket.socket() as held, socket.socket() as mute:
         held.bind(("127.0.0.1", 0))
         port = str(held.getsockname()[1])
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        mute_port = str(mute.getsockname()[1])
         batch, folders = [], {}
         for case in CASES:
             tmp = root / case.id
@@ -246,7 +253,7 @@ def results(tmp_path_factory):
 
             def fill(s, tmp=tmp, space=space):
                 return s.replace("{tmp}", str(tmp)).replace("{space}", str(space)).replace(
-                    "{port}", port).replace("{root}", str(root))
+                    "{port}", port).replace("{mute_port}", mute_port).replace("{root}", str(root))
             batch.append({"module": case.module, "argv": [fill(a) for a in case.argv],
                           "env": {k: fill(v) for k, v in case.env.items()},
                           "unset": case.unset})

@@ -196,9 +196,13 @@ def start_ray(address: str | None) -> None:
     """Join the cluster at `address`, or start a Ray of this search's own that listens on
     loopback only ("local": never join a `ray start` cluster that happens to run here)."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     if address is not None:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        try:
+            ray.init(address=address, include_dashboard=False, configure_logging=False)
+        except (ConnectionError, AuthenticationError) as e:  # e.g. a head with a token we lack
+            raise ConfigError(f"--address {address}: Ray could not join the cluster: {e}") from None
     else:
         with _loopback_only():
             ray.init(address="local", include_dashboard=False, configure_logging=False)

@@ -111,7 +111,25 @@ def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
     except OSError as e:
         raise ConfigError(f"{shown}: cannot connect ({e.strerror or e}); is the Ray head "
                           "running (`ray status` on it) and the port open from here?") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+        _check_grpc(f"{host}:{port}", shown, timeout_s)
     return target
+
+
+def _check_grpc(host_port: str, shown: str, timeout_s: float) -> None:
+    """A Ray head's GCS speaks gRPC; on any other listening port ray.init retries for
+    minutes. The gRPC handshake alone (no call, no token needed) tells them apart."""
+    import grpc
+
+    channel = grpc.insecure_channel(host_port)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        raise ConfigError(f"{shown}: something listens there, but it is not a Ray head (no "
+                          f"gRPC handshake within {timeout_s:g} s); give the head's GCS port "
+                          "(6379 by default; `ray status` on the head shows the address)") from None
+    finally:
+        channel.close()
 
 
 def check_gpus(space, address: str | None) -> None:
