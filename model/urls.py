@@ -60,21 +60,27 @@ def is_loopback(host: str | None) -> bool:
 API_KEY_ENV = re.compile(r"[A-Z][A-Z0-9_]*API_KEY")
 
 
-def endpoint_key(url: str, api_key_env: str, environ) -> str | None:
-    """The key to send to an embedding endpoint, or None (no variable named, or unset).
-    Raises ConfigError if the variable's name breaks the rule above, or if a key would
-    travel unencrypted (http://) to a host other than this machine."""
+def endpoint_problem(url: str, api_key_env: str, environ) -> tuple[str, str] | None:
+    """(setting, why) if the key named by `api_key_env` may not go to `url`: a variable
+    whose name breaks the rule above, or a key that would travel unencrypted (http://) to
+    a host other than this machine. None if it may (or there is no key)."""
     if not api_key_env:
         return None
     if not API_KEY_ENV.fullmatch(api_key_env):
-        raise ConfigError(f"embedding.api_key_env = {api_key_env!r}: must name a variable "
-                          "ending in API_KEY (e.g. OPENAI_API_KEY), or be empty for no key: "
-                          "its value is sent to embedding.url, so it may not be another "
-                          "secret such as Ray's token")
-    key = environ.get(api_key_env) or None
+        return ("api_key_env", f"{api_key_env!r}: must name a variable ending in API_KEY "
+                "(e.g. OPENAI_API_KEY), or be empty for no key: its value is sent to "
+                "embedding.url, so it may not be another secret such as Ray's token")
     parts = urlsplit(url)
-    if key and parts.scheme != "https" and not is_loopback(parts.hostname):
-        raise ConfigError(f"embedding.url = {mask_url(url)}: ${api_key_env} is set, and a key "
-                          "goes only over https:// or to this machine (localhost); use "
-                          f"https://, or unset {api_key_env} for a server that needs no key")
-    return key
+    if environ.get(api_key_env) and parts.scheme != "https" and not is_loopback(parts.hostname):
+        return ("url", f"{mask_url(url)}: ${api_key_env} is set, and a key goes only over "
+                "https:// or to this machine (localhost); use https://, or unset "
+                f"{api_key_env} for a server that needs no key")
+    return None
+
+
+def endpoint_key(url: str, api_key_env: str, environ) -> str | None:
+    """The key to send to an embedding endpoint, or None; ConfigError if it may not go."""
+    problem = endpoint_problem(url, api_key_env, environ)
+    if problem:
+        raise ConfigError(f"embedding.{problem[0]}: {problem[1]}")
+    return environ.get(api_key_env) or None if api_key_env else None

@@ -144,12 +144,12 @@ CASES = [
          ["device", "'cuda:63'", "GPU"]),
     Case("endpoint-key-over-http", "model.train",
          ["--embedding", "encoder=openai", "--embedding", "url=http://example.com/v1/embeddings",
-          "--embedding", "model=m"], ["embedding.url", "http://example.com", "https"],
+          "--embedding", "model=m"], ["--embedding: url: http://example.com", "https"],
          env={"OPENAI_API_KEY": "sk-test-key-1234"}, secret="sk-test-key-1234"),
     Case("endpoint-key-variable-not-an-api-key", "model.train",
          ["--embedding", "encoder=openai", "--embedding", "url=https://example.com/v1",
           "--embedding", "model=m", "--embedding", "api_key_env=RAY_AUTH_TOKEN"],
-         ["embedding.api_key_env", "'RAY_AUTH_TOKEN'", "API_KEY"]),
+         ["--embedding: api_key_env: 'RAY_AUTH_TOKEN'", "API_KEY"]),
 ]
 
 
