@@ -209,11 +209,12 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     if not ray.is_initialized():
         start_ray(address)
     check_cluster(space)  # before any file, MLflow run or trial: one error if not multi-node-safe
-    folder = local_folder(space)
-    folder.mkdir(parents=True, exist_ok=True)
     need_llm = space.fixed.get("method", "faerec") == "faerec" or any(
         p.name in ("method", "ablation") for p in space.params)
+    # a dataset no trial could use is one message before any results folder or MLflow run
     inputs = load_inputs(space.dataset, space.embedding, need_llm=need_llm)
+    folder = local_folder(space)
+    folder.mkdir(parents=True, exist_ok=True)
     stats_file = folder / "dataset_stats.json"
     stats_file.write_text(json.dumps(inputs.data.stats(), indent=2, default=str))
 
