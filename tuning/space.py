@@ -647,7 +647,7 @@ def plan(space: SearchSpace) -> str:
         "  fixed:      " + (", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "(none)"),
         "  params:" + ("" if space.params else "     (none)"),
         *(f"    {p.name:<{width}}  {_describe(space, p)}" for p in space.params),
-        f"  results:    {s.storage_path}/{space.name} (Ray Tune)",
+        f"  results:    {mask_url(s.storage_path)}/{space.name} (Ray Tune)",
         f"  MLflow:     {mask_url(s.tracking_uri)} (experiment {space.name!r})",
     ]
     return "\n".join(lines)
