@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import os
 import string
 import types
 import typing
@@ -26,6 +27,7 @@ from datetime import date
 from pathlib import Path
 
 from model.errors import ConfigError
+from model.urls import endpoint_problem, mask_url
 from model.yamlfile import load_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -336,10 +338,13 @@ class EmbeddingConfig:
         if self.encoder == "openai":
             if not (self.url and self.url.startswith(("http://", "https://"))):
                 raise Invalid("url", "encoder openai needs `url`, an http(s):// embeddings "
-                                     f"endpoint, got {self.url!r}")
+                                     f"endpoint, got {mask_url(str(self.url))!r}")
             if not self.model:
                 raise Invalid("model", "encoder openai needs `model`, e.g. text-embedding-3-small, "
                                        f"got {self.model!r}")
+            problem = endpoint_problem(self.url, self.api_key_env, os.environ)  # key's rules
+            if problem:
+                raise Invalid(*problem)
 
 
 def embedding_config_from_dict(d: Mapping, source: str) -> EmbeddingConfig:

@@ -16,11 +16,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model.data import dataset_config_from_dict
+from model.config import (EmbeddingConfig, dataset_config_from_dict, embedding_config_from_dict,
+                          settings_from_dict)
 from model.datasets import RECBOLE_WHEEL, fetch_ml100k
 from model.errors import ConfigError, DataError
-from model.text import EmbeddingConfig, embedding_config_from_dict, item_embeddings
-from model.train import fit, load_inputs, settings_from_dict
+from model.text import item_embeddings
+from model.train import fit, load_inputs
 from model.urls import endpoint_key, mask_text, mask_url
 from model.yamlfile import load_yaml
 
