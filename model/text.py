@@ -183,7 +183,8 @@ def cached_text_embeddings(texts: list[str], identity: str,
     folder = folder / "embeddings" / _sha256(identity)[:16]
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "identity.txt").exists():
-        (folder / "identity.txt").write_text(identity + "\n")  # for humans; holds no secret
+        # for humans (URL credentials masked); 0600 like every cache file
+        atomic_write(folder / "identity.txt", lambda f: f.write(f"{identity}\n".encode()))
     cached = {}
     for shard in sorted(folder.glob("*.npz")):
         with np.load(shard, allow_pickle=False) as z:
