@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_assignments(args.embedding, "--embedding"), "--embedding")
         inputs = load_inputs(dataset_cfg, embedding_cfg, need_llm=model_cfg.method == "faerec")
         result = fit(inputs, model_cfg, train_cfg)
-    except (ConfigError, ValueError, OSError) as e:  # OSError: a disk, permission or connection problem
+    except (ConfigError, ValueError, OSError) as e:  # OSError: disk, permission, connection
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
