@@ -233,3 +233,14 @@ def test_yaml_dates_stay_text(tmp_path):
     path.write_text("date_start: 2020-01-01\ndate_end: 2020-13-01\nn: 1.5\nflag: true\n")
     assert load_yaml(path) == {"date_start": "2020-01-01", "date_end": "2020-13-01",
                                "n": 1.5, "flag": True}
+
+
+def test_the_search_record_holding_the_tracking_uri_is_private(tmp_path):
+    """tracking.json keeps the real tracking URI (`tracking sync` needs it): mode 0600."""
+    from tuning.tracking import read_settings, write_settings
+
+    uri = "postgresql://alice:pw@db/mlflow"
+    write_settings(tmp_path, tracking_uri=uri)
+    write_settings(tmp_path, outcome="running")  # replaced whole, still private
+    assert (tmp_path / "tracking.json").stat().st_mode & 0o777 == 0o600
+    assert read_settings(tmp_path) == {"tracking_uri": uri, "outcome": "running"}

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import pickletools
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -230,8 +229,8 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
         logger.warning("--resume: the search %r stopped before Tune saved any state; "
                        "starting it again", space.name)
         resume = False
-    # The folder is the record of truth; MLflow is brought up to date from it.
-    # uploaded to MLflow: a copy with credentials in a URI masked
+    # The folder is the record of truth; MLflow is brought up to date from it. The space
+    # goes to MLflow too: a copy with credentials in a URI masked.
     (folder / "search_space.yaml").write_text(
         mask_text(Path(space.source).read_text(encoding="utf-8")))
     write_settings(
