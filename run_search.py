@@ -14,6 +14,7 @@ import shlex
 import sys
 
 from model.errors import ConfigError, DataError
+from model.urls import mask_text, mask_url
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": args.dataset, "num_samples": args.num_samples, "max_epochs": args.max_epochs,
         "tracking_uri": args.tracking_uri, "storage_path": args.storage_path,
         "name": args.name}.items() if v is not None}
+    from tuning.preflight import preflight
     try:
         space = load_space(args.space, overrides)
+        # the machine, stores and cluster: before Ray, MLflow or a results folder
+        address = preflight(space, resume=args.resume, address=args.address)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -53,13 +57,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuning.tuner import run
     try:
-        outcome = run(space, resume=args.resume, address=args.address)
+        outcome = run(space, resume=args.resume, address=address)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a store, disk or connection failing mid-way: not a bug to trace
+        print(f"error: {type(e).__name__}: {mask_text(str(e))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nstopped; continue with: python run_search.py "
-              f"{' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))} --resume",
+              f"{mask_text(' '.join(shlex.quote(a) for a in (argv or sys.argv[1:])))} --resume",
               file=sys.stderr)
         return 130
 
@@ -71,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSummary: {outcome.summary_files['csv']}  {outcome.summary_files['md']}")
     print(f"Ray Tune results: {outcome.experiment_path}")
     print(f"MLflow: parent run {outcome.parent_run_id} in experiment {space.name!r} "
-          f"(id {outcome.experiment_id}) of {space.search.tracking_uri}")
+          f"(id {outcome.experiment_id}) of {mask_url(space.search.tracking_uri)}")
     if space.search.tracking_uri.startswith(("http://", "https://")):
-        base = space.search.tracking_uri.rstrip("/")
+        base = mask_url(space.search.tracking_uri).rstrip("/")
     else:
         base = "http://127.0.0.1:5000"
         print("Open the UI with `make ui` (bash mlflow/server.sh), then:")

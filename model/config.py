@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import os
 import string
 import types
 import typing
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-import yaml
-
 from model.errors import ConfigError
+from model.urls import endpoint_problem, mask_url
+from model.yamlfile import load_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,10 +338,13 @@ class EmbeddingConfig:
         if self.encoder == "openai":
             if not (self.url and self.url.startswith(("http://", "https://"))):
                 raise Invalid("url", "encoder openai needs `url`, an http(s):// embeddings "
-                                     f"endpoint, got {self.url!r}")
+                                     f"endpoint, got {mask_url(str(self.url))!r}")
             if not self.model:
                 raise Invalid("model", "encoder openai needs `model`, e.g. text-embedding-3-small, "
                                        f"got {self.model!r}")
+            problem = endpoint_problem(self.url, self.api_key_env, os.environ)  # key's rules
+            if problem:
+                raise Invalid(*problem)
 
 
 def embedding_config_from_dict(d: Mapping, source: str) -> EmbeddingConfig:
@@ -494,10 +498,7 @@ def resolve_dataset(arg: str) -> DatasetConfig:
         names = ["ml-100k"] + sorted(p.stem for p in SHIPPED_DATASETS.glob("*.yaml"))
         raise ConfigError(f"--dataset {arg!r}: no such YAML file, and not a built-in dataset "
                           f"({', '.join(names)})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    doc = load_yaml(path, "dataset file")
     section = doc.get("dataset", doc) if isinstance(doc, dict) else doc
     if isinstance(section, str):  # `dataset: ml-100k` or `dataset: other.yaml` in a search space
         return resolve_dataset(str(path.parent / section) if section.endswith((".yaml", ".yml"))

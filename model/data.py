@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -33,11 +34,14 @@ from model.config import DatasetConfig, resolve_dataset
 from model.datasets import (fetch_ml100k, read_faerec, read_interactions, read_item_prompts,
                             read_npy, render_prompt)
 from model.errors import ConfigError, DataError
+from model.files import check_writable
 
 CACHE_VERSION = 1  # bump when the preprocessing changes: old cache entries are then ignored
 POPULARITY_GROUPS = ("1-4", "5-9", "10-19", "20-49", "50+")
 GROUP_STARTS = np.array([5, 10, 20, 50])  # first count of each group after the first
 HEAD_SHARE = 0.2  # the paper's head items: the 20% most popular (Sec. 3)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,12 +116,28 @@ class SequenceData:
             "items": self.n_items,
             "interactions": int(lengths.sum()),
             "avg_length": float(lengths.mean()),
-            "sparsity": 1 - float(lengths.sum()) / (len(lengths) * self.n_items),
+            # distinct (user, item) pairs: a user may interact with an item many times
+            "sparsity": 1 - sum(len(np.unique(seq)) for seq in self.sequences)
+            / (len(lengths) * self.n_items),
             "head_items": head,
             "tail_items": self.n_items - head,
             "share_items_lt5": float((self.item_counts[1:] < 5).mean()),
             "first_prompt": self.item_texts[0] if self.item_texts else None,
         }
+
+
+def check_trainable(data: SequenceData, cfg: DatasetConfig) -> None:
+    """A training run needs users to evaluate (>= min_sequence_length items) and to train
+    on (>= 4 items: seq[:-2] holds an input and a target): else one message, before any
+    epoch (or any trial of a search) starts."""
+    longest = max((len(seq) for seq in data.sequences), default=0)
+    need = max(cfg.min_sequence_length, 4)
+    if longest < need:
+        source = cfg.interactions or cfg.format
+        raise DataError(f"{source}: dataset {data.name!r}: no user has {need} or more "
+                        f"interactions (the longest has {longest}), so there is nothing to "
+                        f"train and evaluate on: leave-one-out holds out 2 items per user "
+                        f"(dataset.min_sequence_length = {cfg.min_sequence_length})")
 
 
 def pad_left(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
@@ -160,6 +180,11 @@ def _build(cfg: DatasetConfig, paths: dict[str, Path]) -> SequenceData:
         return SequenceData(cfg.name, n_items, sequences, np.array(users), item_ids, None,
                             cfg.embeddings, cfg.min_sequence_length)
     raw = read_interactions(cfg, paths["interactions"])
+    repeats = int(pd.DataFrame({"u": raw.users, "i": raw.items, "t": raw.times}).duplicated().sum())
+    if repeats:  # kept (the paper keeps every review), but a file written twice shows here
+        log.warning("%s: %d of %d interactions repeat an earlier row (same user, item and "
+                    "time); they are kept and count twice", paths["interactions"], repeats,
+                    len(raw.users))
     sequences, user_ids, item_ids = _sequences(raw.users, raw.items, raw.times, cfg)
     if len(item_ids) == 0:
         raise DataError(f"{paths['interactions']}: no interaction left after the filters "
@@ -169,6 +194,11 @@ def _build(cfg: DatasetConfig, paths: dict[str, Path]) -> SequenceData:
     texts = None
     if "items" in paths:
         template, fields = read_item_prompts(cfg, paths["items"], set(item_ids))
+        missing = [item for item in item_ids if item not in fields]
+        if missing:
+            log.warning("%s: %d of %d items have no entry (e.g. item %r); their prompts say "
+                        "'unknown' for every field", paths["items"], len(missing),
+                        len(item_ids), str(missing[0]))
         texts = [render_prompt(template, fields.get(item, {}), cfg.max_text_chars)
                  for item in item_ids]
     return SequenceData(cfg.name, len(item_ids), sequences, user_ids, item_ids, texts, None,
@@ -199,7 +229,8 @@ def _cache_stem(cfg: DatasetConfig, cache_dir: Path, paths: dict[str, Path]) -> 
             while block := f.read(1 << 20):
                 digest.update(block)
         key.update(f"{name}:{digest.hexdigest()}".encode())
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name)
+    # no dot: the entry's files are stem + .json/.npz, and with_suffix cuts at the last dot
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.name)
     return cache_dir / "datasets" / f"{name}-{key.hexdigest()[:24]}"
 
 
@@ -233,6 +264,7 @@ def load_dataset(cfg: DatasetConfig) -> SequenceData:
     stem = _cache_stem(cfg, folder, paths)
     if stem.with_suffix(".npz").is_file():
         return _load(stem)
+    check_writable(folder, "dataset.cache_dir")  # before a build that may take minutes
     data = _build(cfg, paths)
     _save(data, stem)
     return data
@@ -254,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk or permission problem mid-way: one line, no traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(stats))
         return 0

@@ -7,6 +7,7 @@ Times only need to sort: they are int64 in whatever unit the file uses.
 """
 import ast
 import gzip
+import hashlib
 import json
 import numbers
 import os
@@ -80,6 +81,15 @@ class Interactions:
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k"  # + ".inter" / ".item"
+# PyPI's sha256 of that file: a changed or tampered download is refused, never read
+RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+
+
+def _check_wheel_hash(path: Path) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != RECBOLE_WHEEL_SHA256:
+        raise DataError(f"{path}: sha256 {digest} is not the pinned {RECBOLE_WHEEL_SHA256} of "
+                        f"{RECBOLE_WHEEL}; delete the file to download it again")
 
 
 def fetch_ml100k(cache_dir: Path) -> Path:
@@ -87,6 +97,7 @@ def fetch_ml100k(cache_dir: Path) -> Path:
     Only the two data files are read from it: recbole is never installed or imported."""
     wheel = cache_dir / "downloads" / RECBOLE_WHEEL
     if wheel.exists():
+        _check_wheel_hash(wheel)
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=wheel.parent))  # own folder: parallel downloads don't clash
@@ -98,6 +109,7 @@ def fetch_ml100k(cache_dir: Path) -> Path:
             raise DataError(f"ml-100k: `pip download {RECBOLE_REQUIREMENT}` failed "
                             f"({done.stderr.strip()[-500:]}); offline, copy {RECBOLE_WHEEL} "
                             f"into {wheel.parent}")
+        _check_wheel_hash(tmp / RECBOLE_WHEEL)
         os.replace(tmp / RECBOLE_WHEEL, wheel)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,8 +162,12 @@ def read_faerec(path: Path) -> tuple[list[np.ndarray], list[str]]:
     """`uid i1 i2 ...` per line, items already numbered from 1 in time order: kept as they
     are, so row i-1 of the paper's `itm_emb_np.npy` stays item i."""
     sequences, users = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported at its line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}, line {line_no}: not UTF-8 text: {raw[:80]!r}") from None
             parts = line.split()
             if not parts:
                 continue
@@ -205,7 +221,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
                     try:
                         record = ast.literal_eval(line.strip())
                     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -342,6 +358,11 @@ def _time_values(column: pd.Series, path: Path) -> np.ndarray:
     """Numbers if the first value is one, else dates (then in nanoseconds)."""
     numbers = pd.to_numeric(column, errors="coerce")
     is_number = not pd.isna(numbers.iloc[0]) if len(column) else True
+    if not is_number and numbers.notna().any():  # pandas would read 1999 as a year
+        row = int(np.flatnonzero(numbers.notna().to_numpy())[0])
+        raise DataError(f"{path}, data row {row + 1}: time {column.iloc[row]!r} (column "
+                        f"{column.name!r}) is a number, but the first row's "
+                        f"{column.iloc[0]!r} is a date: the column mixes dates and numbers")
     times = numbers if is_number else pd.to_datetime(column, errors="coerce", format="mixed")
     if times.isna().any():
         row = int(np.flatnonzero(times.isna().to_numpy())[0])

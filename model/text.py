@@ -25,6 +25,7 @@ from model.cache import atomic_write, cache_root
 from model.config import EmbeddingConfig
 from model.datasets import read_npy
 from model.errors import ConfigError, DataError
+from model.urls import endpoint_key, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ RETRY_MAX_S = 60.0
 
 def _openai_encode(cfg: EmbeddingConfig, texts: list[str]) -> np.ndarray:
     """POST batches to an OpenAI-compatible /v1/embeddings endpoint (standard library only)."""
-    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    key = endpoint_key(cfg.url, cfg.api_key_env, os.environ)
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -80,30 +81,45 @@ def _openai_encode(cfg: EmbeddingConfig, texts: list[str]) -> np.ndarray:
             data = sorted(payload["data"], key=lambda r: r["index"])
             got = np.array([r["embedding"] for r in data], dtype=np.float32)
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"embedding endpoint {cfg.url}: unexpected response ({e!r}); "
+            raise DataError(f"embedding endpoint {mask_url(cfg.url)}: unexpected response ({e!r}); "
                             'expected {"data": [{"embedding": [...], "index": i}, ...]}') from None
         if got.ndim != 2 or len(got) != len(batch):
-            raise DataError(f"embedding endpoint {cfg.url}: sent {len(batch)} texts, "
+            raise DataError(f"embedding endpoint {mask_url(cfg.url)}: sent {len(batch)} texts, "
                             f"got embeddings of shape {got.shape}")
         rows.append(got)
     return np.concatenate(rows)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects with every header, Authorization included: a redirect to
+    another host would receive the key. None here makes urllib raise the 3xx instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 def _post_with_retries(cfg: EmbeddingConfig, body: bytes, headers: dict, key: str | None) -> dict:
     def redact(text: str) -> str:  # servers sometimes echo the key in error bodies
         return text.replace(key, "***") if key else text
 
+    url = mask_url(cfg.url)  # for messages: credentials in the URL itself stay out
     for attempt in range(cfg.max_retries + 1):
         wait = min(RETRY_BASE_S * 2 ** attempt, RETRY_MAX_S)
         request = urllib.request.Request(cfg.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
+            with _NO_REDIRECTS.open(request, timeout=cfg.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             detail = redact(e.read(500).decode("utf-8", "replace"))
             if e.code != 429 and e.code < 500:  # 400/401/404...: retrying will not help
                 hint = f" (is ${cfg.api_key_env} set?)" if e.code in (401, 403) else ""
-                raise ConfigError(f"embedding endpoint {cfg.url} (model {cfg.model!r}) answered "
+                if 300 <= e.code < 400:
+                    hint = (" (a redirect: not followed, so the key never goes elsewhere; set "
+                            f"embedding.url to {mask_url(e.headers.get('Location', '?'))!r})")
+                raise ConfigError(f"embedding endpoint {url} (model {cfg.model!r}) answered "
                                   f"HTTP {e.code}{hint}: {detail}") from None
             problem = f"HTTP {e.code}: {detail}"
             retry_after = e.headers.get("Retry-After", "")
@@ -115,12 +131,12 @@ def _post_with_retries(cfg: EmbeddingConfig, body: bytes, headers: dict, key: st
             try:
                 return json.loads(raw)
             except ValueError:
-                raise DataError(f"embedding endpoint {cfg.url}: response is not JSON: "
+                raise DataError(f"embedding endpoint {url}: response is not JSON: "
                                 f"{redact(raw[:200].decode('utf-8', 'replace'))!r}") from None
         if attempt < cfg.max_retries:
-            log.warning("embedding endpoint %s: %s; retrying in %.1f s", cfg.url, problem, wait)
+            log.warning("embedding endpoint %s: %s; retrying in %.1f s", url, problem, wait)
             time.sleep(wait)
-    raise ConfigError(f"embedding endpoint {cfg.url} failed {cfg.max_retries + 1} times "
+    raise ConfigError(f"embedding endpoint {url} failed {cfg.max_retries + 1} times "
                       f"(last: {problem}); check embedding.url and that the server is up")
 
 
@@ -136,7 +152,7 @@ def _text_encoder(encoder: str, cfg: EmbeddingConfig) -> tuple[str, Encode]:
         return (f"sentence-transformers|{path}",
                 lambda texts: _sentence_transformer_encode(path, texts, cfg.batch_size))
     if encoder == "openai":
-        return f"openai|{cfg.url}|{cfg.model}", lambda texts: _openai_encode(cfg, texts)
+        return f"openai|{mask_url(cfg.url)}|{cfg.model}", lambda texts: _openai_encode(cfg, texts)
     raise AssertionError(encoder)  # validated by embedding_config_from_dict
 
 
@@ -167,7 +183,8 @@ def cached_text_embeddings(texts: list[str], identity: str,
     folder = folder / "embeddings" / _sha256(identity)[:16]
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "identity.txt").exists():
-        (folder / "identity.txt").write_text(identity + "\n")  # for humans; holds no secret
+        # for humans (URL credentials masked); 0600 like every cache file
+        atomic_write(folder / "identity.txt", lambda f: f.write(f"{identity}\n".encode()))
     cached = {}
     for shard in sorted(folder.glob("*.npz")):
         with np.load(shard, allow_pickle=False) as z:

@@ -25,7 +25,7 @@ import yaml
 
 from model.config import (SETTING_NAMES, EmbeddingConfig, FAERecConfig, TrainConfig,
                           embedding_config_from_dict, settings_from_dict, settings_to_dict)
-from model.data import SequenceData, load_dataset, pad_left, resolve_dataset
+from model.data import SequenceData, check_trainable, load_dataset, pad_left, resolve_dataset
 from model.errors import ConfigError
 from model.faerec import build_model
 from model.metrics import RankingEvaluator
@@ -43,6 +43,7 @@ class Inputs:
 
 def load_inputs(dataset_cfg, embedding_cfg: EmbeddingConfig, need_llm: bool = True) -> Inputs:
     data = load_dataset(dataset_cfg)
+    check_trainable(data, dataset_cfg)
     llm = item_embeddings(data, embedding_cfg) if need_llm else None
     return Inputs(data, llm)
 
@@ -180,9 +181,16 @@ class FitResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of the `device` setting; a GPU that is not there is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    visible = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= visible:
+        raise ConfigError(f"device = {name!r}: torch sees {visible} GPU(s)"
+                          + (f" (cuda:0..cuda:{visible - 1})" if visible else "")
+                          + "; use cpu or auto")
+    return device
 
 
 def train_step(model, optimizer, batch, epoch: int, autocast: bool = False) -> dict[str, torch.Tensor]:
@@ -387,12 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.seed is not None:
             settings["seed"] = args.seed
         model_cfg, train_cfg = settings_from_dict(settings, "command line")
+        resolve_device(train_cfg.device)  # before the data loads
         dataset_cfg = resolve_dataset(args.dataset)
         embedding_cfg = embedding_config_from_dict(
             parse_assignments(args.embedding, "--embedding"), "--embedding")
         inputs = load_inputs(dataset_cfg, embedding_cfg, need_llm=model_cfg.method == "faerec")
         result = fit(inputs, model_cfg, train_cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # OSError: disk, permission, connection
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -484,7 +484,7 @@ def test_resolve_dataset_yaml_section_relative_paths_and_errors(tmp_path, load):
     with pytest.raises(ConfigError, match=r"--dataset 'nope': no such YAML file, and not a "
                                           r"built-in dataset \(ml-100k, amazon_office, beauty"):
         resolve_dataset("nope")
-    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: YAML syntax error"):
         resolve_dataset(write(tmp_path / "bad.yaml", "dataset: [\n"))
     with pytest.raises(ConfigError, match=r"top.yaml: dataset: unknown dataset setting 'metric'"):
         resolve_dataset(write(tmp_path / "top.yaml", "metric: x\nformat: csv\n"))

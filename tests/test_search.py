@@ -125,7 +125,7 @@ def test_each_trials_test_metrics_are_those_of_its_best_validation_state(finishe
     for row in outcome.summary.to_dict("records"):
         folder = Path(outcome.experiment_path) / f"trial_{row['trial']}"
         last = max(folder.glob("checkpoint_*"))
-        saved = torch.load(last / "state.pt", weights_only=False)["loop"]
+        saved = torch.load(last / "state.pt", weights_only=True)["loop"]
         config = json.loads((folder / "params.json").read_text())
         model_cfg, _ = settings_from_dict(trial_settings(config), "trial")
         model = build_model(dataclasses.replace(model_cfg, pca_init=False), data.n_items,

@@ -154,12 +154,12 @@ def endpoint():
 
 def _openai_cfg(url, tmp_path, **extra):
     return embedding_config_from_dict({"encoder": "openai", "url": url, "model": "emb-small",
-                                       "api_key_env": "TEST_EMB_KEY", "cache_dir": str(tmp_path),
+                                       "api_key_env": "TEST_EMB_API_KEY", "cache_dir": str(tmp_path),
                                        **extra}, "test")
 
 
 def test_endpoint_batches_sends_key_and_keeps_it_out_of_the_cache(endpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("TEST_EMB_KEY", KEY)
+    monkeypatch.setenv("TEST_EMB_API_KEY", KEY)
     texts = ["a", "bb", "ccc", "dddd", "eeeee"]
     emb = item_embeddings(_dataset(texts), _openai_cfg(endpoint.url, tmp_path, batch_size=2))
     np.testing.assert_array_equal(emb, np.array([_fake_vector(t) for t in texts], dtype=np.float32))
@@ -181,13 +181,13 @@ def test_endpoint_gives_up_after_max_retries_and_rejects_4xx_at_once(endpoint, t
         item_embeddings(_dataset(["x"]), _openai_cfg(endpoint.url, tmp_path, max_retries=1))
     endpoint.requests.clear()
     endpoint.fail = [401]
-    with pytest.raises(ConfigError, match="HTTP 401.*TEST_EMB_KEY"):
+    with pytest.raises(ConfigError, match="HTTP 401.*TEST_EMB_API_KEY"):
         item_embeddings(_dataset(["x"]), _openai_cfg(endpoint.url, tmp_path, max_retries=3))
     assert len(endpoint.requests) == 1
 
 
 def test_unreachable_endpoint_names_the_url(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEST_EMB_KEY", KEY)
+    monkeypatch.setenv("TEST_EMB_API_KEY", KEY)
     # A port held by this bound but never listening socket: connections to it are refused,
     # and no other process can start listening there while the test runs.
     with socket.socket() as s:

@@ -1,4 +1,8 @@
-"""Running on a Ray cluster: where results go must suit several machines.
+"""Connecting to Ray, and running on a Ray cluster: where results go must suit several
+machines.
+
+`start_ray(address)` joins a cluster, or starts a Ray of the search's own that listens on
+127.0.0.1 only, and keeps Ray's token file private.
 
 `tuning.tuner.run` calls `check_cluster(space)` right after connecting to Ray, before any
 trial starts. On one node every path is shared, so nothing is checked. With more than
@@ -23,6 +27,7 @@ sharing one host disk) set FAEREC_SHARED_STORAGE=1, which skips it for both sett
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from urllib.parse import urlparse
 from model.errors import ConfigError
 
 SHARED_STORAGE_ENV = "FAEREC_SHARED_STORAGE"
+LAPTOP_MODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch: node address = 127.0.0.1
 
 # Filesystem types whose files other machines see too; any FUSE mount (fuse.sshfs,
 # fuse.gcsfuse, fuse.juicefs, ...) is taken as one.
@@ -162,3 +168,46 @@ def alive_nodes() -> int:
 def check_cluster(space) -> None:
     """The check for a connected Ray session and a loaded `tuning.space.SearchSpace`."""
     check_shared(space.search.storage_path, space.search.tracking_uri, alive_nodes())
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Ray binds its servers (GCS, raylet, object manager, workers, agents) to the node's IP
+    address. In Ray's laptop mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) that address is
+    127.0.0.1, so nothing listens beyond loopback. Ray reads the variable when imported
+    (this process) and from the environment (the processes it starts); both are restored
+    afterwards, so a later connection to a real cluster advertises a reachable address."""
+    from ray._private import ray_constants  # where Ray keeps what it read at import
+
+    saved_env = os.environ.get(LAPTOP_MODE)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LAPTOP_MODE], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(LAPTOP_MODE, None)
+        else:
+            os.environ[LAPTOP_MODE] = saved_env
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start a Ray of this search's own that listens on
+    loopback only ("local": never join a `ray start` cluster that happens to run here)."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    if address is not None:
+        try:
+            ray.init(address=address, include_dashboard=False, configure_logging=False)
+        except (ConnectionError, AuthenticationError) as e:  # e.g. a head with a token we lack
+            raise ConfigError(f"--address {address}: Ray could not join the cluster: {e}") from None
+    else:
+        with _loopback_only():
+            ray.init(address="local", include_dashboard=False, configure_logging=False)
+    # Ray 2.60 writes its token (~/.ray/auth_token) readable by everyone on the machine;
+    # whoever reads it can run code on the cluster.
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)

@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import optuna
-import yaml
 
 from model.config import (PROJECT_ROOT, SETTING_NAMES, DatasetConfig, EmbeddingConfig, Invalid,
                           check_fields, dataset_config_from_dict, from_mapping, resolve_dataset, rule,
                           settings_from_dict, unknown_key, where)
 from model.errors import ConfigError
+from model.urls import mask_text, mask_url
+from model.yamlfile import load_yaml
 DEFAULT_STORAGE_PATH = "results"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
@@ -54,7 +55,9 @@ PARAM_KINDS = ("uniform", "loguniform", "int", "categorical", "grid", "fixed")
 
 # Settings the `search` section owns, so no number can be given twice.
 RUN_SETTINGS = {"epochs": "search.max_epochs", "eval_every": "search.eval_every",
-                "select_metric": "search.metric", "num_threads": "search.resources.cpu"}
+                "select_metric": "search.metric", "num_threads": "search.resources.cpu",
+                # each trial trains on the device Ray assigns it
+                "device": "search.resources.gpu"}
 
 # Paper Table 3: each variant and the switches it turns off.
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -258,16 +261,7 @@ PARAM_CLASSES = {"uniform": RangeParam, "loguniform": RangeParam, "int": IntPara
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the search space: {e.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    raw = load_yaml(path, "search space")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections "
                           f"{', '.join(SpaceFile.__dataclass_fields__)}, "
@@ -278,7 +272,8 @@ def _read_yaml(path: Path) -> dict:
 def _label(source: str, overrides: Mapping[str, Any]) -> str:
     if not overrides:
         return source
-    return f"{source} (with {', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
+    # masked: the label reaches the plan, logs and MLflow params (tracking_uri=postgresql://u:pw@...)
+    return mask_text(f"{source} (with {', '.join(f'{k}={v!r}' for k, v in overrides.items())})")
 
 
 def _apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
@@ -652,7 +647,7 @@ def plan(space: SearchSpace) -> str:
         "  fixed:      " + (", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "(none)"),
         "  params:" + ("" if space.params else "     (none)"),
         *(f"    {p.name:<{width}}  {_describe(space, p)}" for p in space.params),
-        f"  results:    {s.storage_path}/{space.name} (Ray Tune)",
-        f"  MLflow:     {s.tracking_uri} (experiment {space.name!r})",
+        f"  results:    {mask_url(s.storage_path)}/{space.name} (Ray Tune)",
+        f"  MLflow:     {mask_url(s.tracking_uri)} (experiment {space.name!r})",
     ]
     return "\n".join(lines)

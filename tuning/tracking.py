@@ -33,7 +33,9 @@ from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
+from model.cache import atomic_write
 from model.config import PROJECT_ROOT
+from model.urls import mask_text, mask_url
 from tuning.trainable import outcome as ended_outcome
 
 logger = logging.getLogger(__name__)
@@ -135,8 +137,8 @@ def write_settings(folder, **changes) -> dict:
     """Update the folder's tracking.json (replaced whole: a crash leaves the old one)."""
     path = Path(folder) / SETTINGS_FILE
     settings = {**(read_settings(folder) if path.exists() else {}), **changes}
-    path.with_suffix(".tmp").write_text(json.dumps(settings, indent=2, default=str))
-    path.with_suffix(".tmp").replace(path)
+    # 0600: the tracking URI may hold a database password
+    atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, default=str).encode()))
     return settings
 
 
@@ -317,7 +319,7 @@ class MlflowCallback(tune.Callback):
                     logger.warning("MLflow not updated (%s: %s); the folder keeps the results"
                                    " and the search's end (or `python -m tuning.tracking "
                                    "sync %s`) sends them", type(exc).__name__,
-                                   str(exc)[:200], self.folder)
+                                   mask_text(str(exc))[:200], self.folder)
                     replica = None  # found again: the store may hold more than we know
 
     def _put(self, trial, status: str | None = None, result: dict | None = None) -> None:
@@ -355,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.folder) / SETTINGS_FILE).is_file():
         parser.error(f"{args.folder}: no {SETTINGS_FILE}, not a folder of run_search.py")
     replica = sync(args.folder, args.tracking_uri)
-    print(f"{args.folder} synced to {replica.client.tracking_uri}, run {replica.parent_id}")
+    print(f"{args.folder} synced to {mask_url(replica.client.tracking_uri)}, "
+          f"run {replica.parent_id}")
     return 0
 
 

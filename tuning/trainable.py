@@ -59,7 +59,8 @@ def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+            # tensors and plain values only: a crafted checkpoint cannot run code
+            resume = torch.load(Path(folder) / STATE_FILE, weights_only=True)
 
     def report(record: EpochRecord, snapshot) -> None:
         if not record.best_val:  # before the first validation (min_epochs): Tune refuses a

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import pickletools
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from ray.tune.search.optuna import OptunaSearch
 from model.config import PROJECT_ROOT
 from model.errors import ConfigError
 from model.train import load_inputs
-from tuning.cluster import check_cluster
+from model.urls import mask_text
+from tuning.cluster import check_cluster, start_ray
 from tuning.space import SearchSpace, define_by_run, make_sampler
 from tuning.trainable import best_key, outcome, train_trial
 from tuning.tracking import MlflowCallback, read_results, sync, write_settings
@@ -206,14 +206,14 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     s = space.search
     if not ray.is_initialized():
-        # "local": without --address, never join a `ray start` cluster that happens to run here
-        ray.init(address=address or "local", include_dashboard=False, configure_logging=False)
+        start_ray(address)
     check_cluster(space)  # before any file, MLflow run or trial: one error if not multi-node-safe
-    folder = local_folder(space)
-    folder.mkdir(parents=True, exist_ok=True)
     need_llm = space.fixed.get("method", "faerec") == "faerec" or any(
         p.name in ("method", "ablation") for p in space.params)
+    # a dataset no trial could use is one message before any results folder or MLflow run
     inputs = load_inputs(space.dataset, space.embedding, need_llm=need_llm)
+    folder = local_folder(space)
+    folder.mkdir(parents=True, exist_ok=True)
     stats_file = folder / "dataset_stats.json"
     stats_file.write_text(json.dumps(inputs.data.stats(), indent=2, default=str))
 
@@ -229,8 +229,10 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
         logger.warning("--resume: the search %r stopped before Tune saved any state; "
                        "starting it again", space.name)
         resume = False
-    # The folder is the record of truth; MLflow is brought up to date from it.
-    shutil.copyfile(space.source, folder / "search_space.yaml")
+    # The folder is the record of truth; MLflow is brought up to date from it. The space
+    # goes to MLflow too: a copy with credentials in a URI masked.
+    (folder / "search_space.yaml").write_text(
+        mask_text(Path(space.source).read_text(encoding="utf-8")))
     write_settings(
         folder, tracking_uri=s.tracking_uri, experiment=space.name, search=space.name,
         search_id=search_id, stage="search", max_epochs=s.max_epochs, outcome="running",
