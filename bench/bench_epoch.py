@@ -97,7 +97,7 @@ def measure(method: str, args) -> dict:
     for users in sorted({1, min(args.eval_users or n_users, n_users)}):
         keep = split.seen_rows < users
         part = train.EvalSplit(split.inputs[:users], split.targets[:users], split.seen_rows[keep],
-                               split.seen_items[keep])
+                               split.seen_items[keep], split.users[:users])
         tic = time.perf_counter()
         train.evaluate(model, part, data, "test", 512, torch.device("cpu"))
         timed[users] = time.perf_counter() - tic

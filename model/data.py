@@ -73,25 +73,37 @@ class SequenceData:
         return self._counts(seq[:-2] for seq in self.sequences)
 
     @cached_property
+    def val_item_counts(self) -> np.ndarray:
+        """(n_items+1,) counts over `seq[:-1]`: up to and including the validation target,
+        never a test item (the popularity of the validation metrics' groups)."""
+        return self._counts(seq[:-1] for seq in self.sequences)
+
+    @cached_property
     def tail_mask(self) -> np.ndarray:
-        """(n_items+1,) True for tail items: all but the int(0.2 n) most interacted (ties:
-        lower id is head), as the reference code; index 0 False."""
-        ids = np.arange(1, self.n_items + 1)
-        by_popularity = ids[np.lexsort((ids, -self.item_counts[1:]))]
-        mask = np.ones(self.n_items + 1, dtype=bool)
-        mask[0] = False
-        mask[by_popularity[:int(HEAD_SHARE * self.n_items)]] = False
-        mask.flags.writeable = False
-        return mask
+        """(n_items+1,) True for tail items by item_counts (the paper's split, test metrics)."""
+        return tail_mask_of(self.item_counts)
 
     @cached_property
     def popularity_group(self) -> np.ndarray:
-        """(n_items+1,) int8 index into POPULARITY_GROUPS by item_counts (an item never
-        seen counts in "1-4"); -1 at index 0."""
-        group = np.searchsorted(GROUP_STARTS, self.item_counts, side="right").astype(np.int8)
-        group[0] = -1
-        group.flags.writeable = False
-        return group
+        """(n_items+1,) popularity group by item_counts (test metrics)."""
+        return popularity_group_of(self.item_counts)
+
+    def eval_tail_mask(self, split: str) -> np.ndarray:
+        """The head/tail split of `split`'s metrics: test counts whole sequences (as the
+        paper), val counts val_item_counts, so that selecting on val/tail never sees test data."""
+        return tail_mask_of(self.val_item_counts) if _check_split(split) == "val" else self.tail_mask
+
+    def eval_popularity_group(self, split: str) -> np.ndarray:
+        """The popularity groups of `split`'s metrics, counted as eval_tail_mask counts."""
+        return (popularity_group_of(self.val_item_counts) if _check_split(split) == "val"
+                else self.popularity_group)
+
+    @cached_property
+    def eval_users(self) -> np.ndarray:
+        """(U,) int64 index into `sequences` of each evaluated user (>= min_sequence_length)."""
+        users = np.flatnonzero([len(seq) >= self.min_sequence_length for seq in self.sequences])
+        users.flags.writeable = False
+        return users
 
     def train_sequences(self) -> list[np.ndarray]:
         """`seq[:-2]` of every user with >= 2 such items (input x[:-1], target x[1:])."""
@@ -100,10 +112,8 @@ class SequenceData:
     def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
         """Leave-one-out: val `seq[:-2] -> seq[-2]`, test `seq[:-1] -> seq[-1]`, over users
         with at least min_sequence_length items."""
-        if split not in ("val", "test"):
-            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
-        end = -2 if split == "val" else -1
-        users = [seq for seq in self.sequences if len(seq) >= self.min_sequence_length]
+        end = -2 if _check_split(split) == "val" else -1
+        users = [self.sequences[u] for u in self.eval_users]
         return [seq[:end] for seq in users], np.array([seq[end] for seq in users], np.int64)
 
     def stats(self) -> dict:
@@ -124,6 +134,34 @@ class SequenceData:
             "share_items_lt5": float((self.item_counts[1:] < 5).mean()),
             "first_prompt": self.item_texts[0] if self.item_texts else None,
         }
+
+
+def _check_split(split: str) -> str:
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    return split
+
+
+def tail_mask_of(counts: np.ndarray) -> np.ndarray:
+    """(n_items+1,) True for tail items: all but the int(0.2 n) most counted (ties: lower id
+    is head), as the reference code; index 0 False."""
+    n_items = len(counts) - 1
+    ids = np.arange(1, n_items + 1)
+    by_popularity = ids[np.lexsort((ids, -counts[1:]))]
+    mask = np.ones(n_items + 1, dtype=bool)
+    mask[0] = False
+    mask[by_popularity[:int(HEAD_SHARE * n_items)]] = False
+    mask.flags.writeable = False
+    return mask
+
+
+def popularity_group_of(counts: np.ndarray) -> np.ndarray:
+    """(n_items+1,) int8 index into POPULARITY_GROUPS by counts (an item never counted is
+    in "1-4"); -1 at index 0."""
+    group = np.searchsorted(GROUP_STARTS, counts, side="right").astype(np.int8)
+    group[0] = -1
+    group.flags.writeable = False
+    return group
 
 
 def check_trainable(data: SequenceData, cfg: DatasetConfig) -> None:

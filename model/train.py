@@ -28,7 +28,7 @@ from model.config import (SETTING_NAMES, EmbeddingConfig, FAERecConfig, TrainCon
 from model.data import SequenceData, check_trainable, load_dataset, pad_left, resolve_dataset
 from model.errors import ConfigError
 from model.faerec import build_model
-from model.metrics import RankingEvaluator
+from model.metrics import RankingEvaluator, UserRanks
 from model.text import item_embeddings, pca_embeddings
 
 
@@ -115,25 +115,31 @@ class EvalSplit:
     targets: np.ndarray         # (U,)
     seen_rows: np.ndarray       # flat row index of every history item...
     seen_items: np.ndarray      # ...and the item itself (whole history, not just the last L)
+    users: np.ndarray           # (U,) index of each row's user in data.sequences
 
     @classmethod
     def build(cls, data: SequenceData, split: str, max_len: int) -> "EvalSplit":
         histories, targets = data.eval_examples(split)
         rows = np.concatenate([np.full(len(h), i) for i, h in enumerate(histories)])
         items = np.concatenate(histories)
-        return cls(pad_left(histories, max_len), np.asarray(targets), rows, items)
+        return cls(pad_left(histories, max_len), np.asarray(targets), rows, items, data.eval_users)
 
 
 def evaluate(model, split: EvalSplit, data: SequenceData, name: str, batch_size: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, keep_ranks: bool = False
+             ) -> dict[str, float] | tuple[dict[str, float], UserRanks]:
     """Full ranking over all items; the user's already-seen items score -inf.
 
     A target that the user had already seen keeps its score: excluding it would count
-    a guaranteed miss, which no ranking could avoid.
+    a guaranteed miss, which no ranking could avoid. Head/tail and popularity groups follow
+    split `name`'s rule (val: never counting a test item). keep_ranks: also return each
+    user's rank, (metrics, UserRanks).
     """
     model.eval()
-    evaluator = RankingEvaluator(torch.tensor(data.tail_mask, device=device),
-                                 torch.tensor(data.popularity_group, device=device))
+    tail_mask = data.eval_tail_mask(name)
+    evaluator = RankingEvaluator(torch.tensor(tail_mask, device=device),
+                                 torch.tensor(data.eval_popularity_group(name), device=device),
+                                 keep_ranks=keep_ranks)
     row_starts = np.searchsorted(split.seen_rows, np.arange(len(split.targets) + 1))
     with torch.no_grad():
         table, items = model.item_tables()  # every item's input embedding and scoring row, once
@@ -150,6 +156,8 @@ def evaluate(model, split: EvalSplit, data: SequenceData, name: str, batch_size:
             scores[rows, cols] = -torch.inf
             scores[arange, targets] = target_scores
             evaluator.update(scores, targets)
+    if keep_ranks:
+        return evaluator.compute(name), UserRanks(split.users, evaluator.ranks(), tail_mask[split.targets])
     return evaluator.compute(name)
 
 
@@ -178,6 +186,7 @@ class FitResult:
     stopped_early: bool
     seconds: float
     settings: dict = field(default_factory=dict)
+    test_ranks: UserRanks | None = None  # per-user test ranks of the best state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,11 +290,13 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
     test_split = EvalSplit.build(data, "test", model_cfg.max_len)
     patience = patience_in_validations(train_cfg, math.ceil(len(batches) / train_cfg.batch_size))
 
-    def test() -> dict[str, float]:
-        return evaluate(model, test_split, data, "test", train_cfg.eval_batch_size, device)
+    def test() -> tuple[dict[str, float], UserRanks]:
+        return evaluate(model, test_split, data, "test", train_cfg.eval_batch_size, device,
+                        keep_ranks=True)
 
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "best_val": {},
-             "best_test": {}, "best_model": None, "bad_evals": 0, "history": []}
+             "best_test": {}, "best_test_ranks": None, "best_model": None, "bad_evals": 0,
+             "history": []}
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -319,7 +330,9 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
                              best_val=val, bad_evals=0,
                              best_model=copy.deepcopy(model.state_dict()))
                 if test_on_improvement:
-                    state["best_test"] = test()
+                    state["best_test"], ranks = test()
+                    # tensors: a checkpoint is read back with torch.load(weights_only=True)
+                    state["best_test_ranks"] = {k: torch.tensor(v) for k, v in vars(ranks).items()}
             else:
                 state["bad_evals"] += 1
         metrics["time/epoch_s"] = metrics["time/train_epoch_s"] + metrics.get("time/eval_s", 0.0)
@@ -336,11 +349,16 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
 
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
+    if state["best_test"]:
+        best_test, kept = state["best_test"], state.get("best_test_ranks")  # None in older snapshots
+        test_ranks = UserRanks(**{k: v.numpy() for k, v in kept.items()}) if kept else None
+    else:
+        best_test, test_ranks = test()
     return FitResult(best_epoch=state["best_epoch"], val=state["best_val"],
-                     test=state["best_test"] or test(), history=state["history"],
+                     test=best_test, history=state["history"],
                      epochs_run=state["epoch"], stopped_early=stopped_early,
                      seconds=time.perf_counter() - started,
-                     settings=settings_to_dict(model_cfg, train_cfg))
+                     settings=settings_to_dict(model_cfg, train_cfg), test_ranks=test_ranks)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 computed apart from the project's evaluation code."""
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -28,25 +29,40 @@ def write_faerec_dataset(folder, n_users=60, n_items=40, emb_dim=24, seed=0):
     return path, emb
 
 
+def leaky_test_items():
+    """Users u0..u4 over 5 items (int(0.2 * 5) = 1 head item). Item 3 is every test target
+    (and short u3's last item): with them it is the most popular item, without them never
+    seen. Validation targets (u0 u1 u2 u4; u3 is not evaluated): items 2 1 1 2."""
+    from model.data import SequenceData
+
+    sequences = [np.array(s) for s in ([1, 2, 3], [2, 1, 3], [4, 1, 3], [5, 3], [1, 2, 3])]
+    return SequenceData("leak", 5, sequences, np.arange(5).astype(str),
+                        np.arange(1, 6).astype(str), None, None)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_faerec_dataset(tmp_path / "data")
 
 
-def reference_metrics(model, data, split, max_len, ks=(5, 10, 20)):
-    """HR@K and NDCG@K (overall and tail) of `model` on a split, computed apart from
+def reference_ranks(model, data, split, max_len):
+    """(user, rank, tail) per evaluated user of `model` on a split, computed apart from
     model.train.evaluate: histories and targets cut from the raw sequences, the model's
     scores taken one user at a time, seen items (but the target) masked, ranks counted.
 
     Leave-one-out: validation predicts seq[-2] from seq[:-2], test seq[-1] from seq[:-1];
-    users with fewer than 3 interactions are not evaluated."""
+    users with fewer than 3 interactions are not evaluated. Tail: not among the 20% most
+    counted items (ties: lower id), counted over whole sequences for test and over
+    seq[:-1] (never a test item) for validation."""
     import torch
 
     cut = {"val": 2, "test": 1}[split]
-    sums, users = {}, {"overall": 0, "tail": 0}
+    counted = Counter(int(i) for seq in data.sequences for i in (seq if split == "test" else seq[:-1]))
+    head = set(sorted(range(1, data.n_items + 1), key=lambda i: (-counted[i], i))[:int(0.2 * data.n_items)])
+    out = []
     model.eval()
     with torch.no_grad():
-        for seq in data.sequences:
+        for user, seq in enumerate(data.sequences):
             if len(seq) < data.min_sequence_length:
                 continue
             history, target = [int(i) for i in seq[:-cut]], int(seq[-cut])
@@ -56,12 +72,19 @@ def reference_metrics(model, data, split, max_len, ks=(5, 10, 20)):
             seen = set(history) - {target}
             rank = sum(1 for item in range(1, data.n_items + 1)
                        if item not in seen and scores[item] > scores[target])
-            groups = ["overall"] + (["tail"] if data.tail_mask[target] else [])
-            for group in groups:
-                users[group] += 1
-                for k in ks:
-                    hit = rank < k
-                    for metric, value in (("hr", float(hit)), ("ndcg", hit / math.log2(rank + 2))):
-                        key = f"{split}/{group}/{metric}_{k}"
-                        sums[key] = sums.get(key, 0.0) + value
+            out.append((user, rank, target not in head))
+    return out
+
+
+def reference_metrics(model, data, split, max_len, ks=(5, 10, 20)):
+    """HR@K and NDCG@K (overall and tail) from reference_ranks."""
+    sums, users = {}, {"overall": 0, "tail": 0}
+    for _, rank, tail in reference_ranks(model, data, split, max_len):
+        for group in ["overall"] + (["tail"] if tail else []):
+            users[group] += 1
+            for k in ks:
+                hit = rank < k
+                for metric, value in (("hr", float(hit)), ("ndcg", hit / math.log2(rank + 2))):
+                    key = f"{split}/{group}/{metric}_{k}"
+                    sums[key] = sums.get(key, 0.0) + value
     return {key: value / users[key.split("/")[1]] for key, value in sums.items()}

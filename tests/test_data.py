@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import leaky_test_items
 from model.config import PROJECT_ROOT as REPO_ROOT
 from model.config import dataset_config_from_dict, resolve_dataset
 from model.data import POPULARITY_GROUPS, SequenceData, load_dataset, main, pad_left
@@ -122,6 +123,29 @@ def test_hand_example_popularity(hand):
         "head_items": 1, "tail_items": 4, "share_items_lt5": 1.0}
     assert stats["avg_length"] == pytest.approx(11 / 3)
     assert stats["sparsity"] == pytest.approx(1 - 11 / 15)
+
+
+def test_validation_popularity_never_counts_a_test_item():
+    data = leaky_test_items()
+    # whole sequences (test metrics, the paper's split): 1:4 2:3 3:5 4:1 5:1 -> head {3}
+    assert data.item_counts.tolist() == [0, 4, 3, 5, 1, 1]
+    assert data.eval_tail_mask("test").tolist() == [False, True, True, False, True, True]
+    assert data.eval_tail_mask("test") is data.tail_mask
+    # seq[:-1] (validation metrics): 1:4 2:3 3:0 4:1 5:1 -> head {1}
+    assert data.val_item_counts.tolist() == [0, 4, 3, 0, 1, 1]
+    assert data.eval_tail_mask("val").tolist() == [False, False, True, True, True, True]
+    # item 3: "5-9" with its test interactions, "1-4" (never counted) without
+    assert data.eval_popularity_group("test").tolist() == [-1, 0, 0, 1, 0, 0]
+    assert data.eval_popularity_group("val").tolist() == [-1, 0, 0, 0, 0, 0]
+    # u3 (2 items) is not evaluated; validation targets of u0 u1 u2 u4: items 2 1 1 2, all
+    # tail under the whole-sequence split, but items 1 are head under the validation one
+    assert data.eval_users.tolist() == [0, 1, 2, 4]
+    targets = data.eval_examples("val")[1]
+    assert targets.tolist() == [2, 1, 1, 2]
+    assert data.tail_mask[targets].all()
+    assert data.eval_tail_mask("val")[targets].tolist() == [True, False, False, True]
+    with pytest.raises(ValueError, match="train"):
+        data.eval_tail_mask("train")
 
 
 def test_popularity_group_boundaries():

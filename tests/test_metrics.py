@@ -1,12 +1,14 @@
-"""RankingEvaluator against hand-written values and a brute-force ranking by sorting."""
+"""RankingEvaluator and UserRanks against hand-written values and a brute-force ranking by
+sorting."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from model.data import POPULARITY_GROUPS
-from model.metrics import RankingEvaluator, metric_name
+from model.metrics import RankingEvaluator, UserRanks, metric_name
 
 INF = float("inf")
 
@@ -31,13 +33,18 @@ def test_hand_written_case():
     assert out["test/tail_coverage_1"] == pytest.approx(1 / 3)
 
 
+def sorted_order(s, t):
+    """Every item of one user's scores `s`, best first, the target `t` first among its ties."""
+    return sorted(range(len(s)), key=lambda j: (-s[j], j != t))
+
+
 def brute_force(scores, targets, tail, groups, ks):
     """Rank by sorting each user's items, the target placed first among its ties."""
     n_items = scores.shape[1] - 1
     per_group = {}
     covered = {k: set() for k in ks}
     for s, t in zip(scores.tolist(), targets.tolist()):
-        order = sorted(range(n_items + 1), key=lambda j: (-s[j], j != t))
+        order = sorted_order(s, t)
         rank = order.index(t)
         names = ["overall", "tail" if tail[t] else "head", f"pop_{POPULARITY_GROUPS[groups[t]]}"]
         for name in names:
@@ -75,11 +82,11 @@ def random_case(seed, ties, levels=6):
     return scores, targets, tail, groups
 
 
-def evaluate(scores, targets, tail, groups, ks, batch=16):
-    ev = RankingEvaluator(tail, groups, ks)
+def evaluate(scores, targets, tail, groups, ks, batch=16, keep_ranks=False):
+    ev = RankingEvaluator(tail, groups, ks, keep_ranks=keep_ranks)
     for start in range(0, len(targets), batch):
         ev.update(scores[start:start + batch], targets[start:start + batch])
-    return ev.compute("val")
+    return (ev.compute("val"), ev.ranks()) if keep_ranks else ev.compute("val")
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -135,3 +142,56 @@ def test_excluded_items_are_never_ranked_or_covered():
 def test_compute_before_update_fails():
     with pytest.raises(ValueError):
         RankingEvaluator(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long)).compute("val")
+
+
+# ---------------------------------------------------------------- per-user ranks
+
+@pytest.mark.parametrize("seed, levels", [(0, 3), (1, 6), (2, None)])
+def test_kept_ranks_are_exact_over_all_items(seed, levels):
+    """Ranks by sorting every user's items, also far beyond max K (where the metrics only
+    need to know 'a miss'); ties, excluded items and batches as in evaluation."""
+    scores, targets, tail, groups = random_case(seed, ties=levels is not None, levels=levels or 6)
+    got, ranks = evaluate(scores, targets, tail, groups, ks=(1, 5), keep_ranks=True)
+    want = [sorted_order(s, t).index(t) for s, t in zip(scores.tolist(), targets.tolist())]
+    assert ranks.dtype == np.int64 and ranks.tolist() == want
+    assert max(want) > 5  # ranks beyond max K are kept exactly
+    # per-user metrics from the kept ranks average to the evaluator's, overall and tail
+    per_user = UserRanks(np.arange(len(targets)), ranks, tail[targets].numpy())
+    is_tail = per_user.tail
+    for k in (1, 5):
+        for metric, values in per_user.metrics(k).items():
+            assert values.mean() == pytest.approx(got[f"val/overall/{metric}"])
+            assert values[is_tail].mean() == pytest.approx(got[f"val/tail/{metric}"])
+            assert values[~is_tail].mean() == pytest.approx(got[f"val/head/{metric}"])
+
+
+def test_ranks_need_keep_ranks():
+    ev = RankingEvaluator(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long))
+    ev.update(torch.tensor([[-INF, 1.0, 2.0]]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="keep_ranks"):
+        ev.ranks()
+
+
+def test_user_ranks_metrics_by_hand():
+    ranks = UserRanks(users=[4, 0, 7, 2], ranks=[0, 1, 9, 10], tail=[True, False, False, True])
+    m = ranks.metrics(10)
+    assert set(m) == {"hr_10", "ndcg_10"}
+    assert m["hr_10"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert m["ndcg_10"] == pytest.approx([1.0, 1 / math.log2(3), 1 / math.log2(11), 0.0])
+    assert ranks.metrics(1)["hr_1"].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_user_ranks_save_and_load(tmp_path):
+    ranks = UserRanks(np.array([3, 1, 8]), np.array([0, 250, 7]), np.array([True, False, True]))
+    path = tmp_path / "ranks"  # no .npz suffix: saved under exactly this name
+    ranks.save(path)
+    back = UserRanks.load(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ranks"]
+    for name in ("users", "ranks", "tail"):
+        assert getattr(back, name).tolist() == getattr(ranks, name).tolist()
+    assert back.users.dtype == np.int64 and back.ranks.dtype == np.int64 and back.tail.dtype == bool
+
+
+def test_user_ranks_refuse_vectors_of_different_lengths():
+    with pytest.raises(ValueError, match=r"shapes \(2,\), \(3,\), \(2,\)"):
+        UserRanks([1, 2], [0, 1, 2], [True, False])

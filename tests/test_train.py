@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import reference_metrics
+import model.train
+from conftest import leaky_test_items, reference_metrics, reference_ranks
 from model.data import DatasetConfig, load_dataset, resolve_dataset
 from model.errors import ConfigError
 from model.faerec import FAERec, build_model
@@ -94,6 +95,59 @@ def test_evaluation_never_ranks_seen_items(tiny_inputs):
     assert got["test/overall/hr_10"] == pytest.approx(hits / n)
 
 
+def test_evaluate_keeps_each_users_rank(tiny_inputs):
+    """keep_ranks: the target's rank per user equals a stable argsort of the whole masked
+    score matrix (ties in the target's favour), with the user's index and tail flag; the
+    per-user HR/NDCG average to the metrics evaluate reports."""
+    data = tiny_inputs.data
+    split = EvalSplit.build(data, "test", max_len=12)
+    n = len(split.targets)
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 8, (n, data.n_items + 1), generator=gen).float()  # many ties
+    scores[:, 0] = -math.inf
+    metrics, ranks = evaluate(FixedScores(scores), split, data, "test", batch_size=5,
+                              device=torch.device("cpu"), keep_ranks=True)
+    masked = scores.numpy().copy()
+    masked[split.seen_rows, split.seen_items] = -np.inf
+    masked[np.arange(n), split.targets] = scores.numpy()[np.arange(n), split.targets]
+    want = []
+    for row, target in zip(masked, split.targets):
+        row = row.copy()
+        row[target] += 0.5  # ties in the target's favour: integer scores, so 0.5 breaks them
+        want.append(int(np.flatnonzero(np.argsort(-row, kind="stable") == target)[0]))
+    assert ranks.ranks.tolist() == want
+    assert max(want) >= 20  # beyond every K
+    evaluated = [u for u, seq in enumerate(data.sequences) if len(seq) >= 3]
+    assert ranks.users.tolist() == evaluated
+    assert ranks.tail.tolist() == [bool(data.tail_mask[data.sequences[u][-1]]) for u in evaluated]
+    for k in (5, 10, 20):
+        for metric, values in ranks.metrics(k).items():
+            assert values.mean() == pytest.approx(metrics[f"test/overall/{metric}"])
+            assert values[ranks.tail].mean() == pytest.approx(metrics[f"test/tail/{metric}"])
+
+
+def test_validation_groups_never_count_a_test_item():
+    """Item 3 is head only through its test interactions (hand-worked in test_data);
+    under the validation rule item 1 is head. Scores put each validation target first but
+    for user 4, whose item 3 scores above its target 2."""
+    data = leaky_test_items()
+    split = EvalSplit.build(data, "val", max_len=4)
+    scores = torch.tensor([[-math.inf, 0.0, 0.9, 0.5, 0.1, 0.1],   # u0: target 2 first
+                           [-math.inf, 0.9, 0.0, 0.5, 0.1, 0.1],   # u1: target 1 first
+                           [-math.inf, 0.9, 0.1, 0.5, 0.0, 0.1],   # u2: target 1 first
+                           [-math.inf, 0.0, 0.5, 0.9, 0.1, 0.1]])  # u4: item 3 above target 2
+    got, ranks = evaluate(FixedScores(scores), split, data, "val", batch_size=4,
+                          device=torch.device("cpu"), keep_ranks=True)
+    assert ranks.users.tolist() == [0, 1, 2, 4] and ranks.ranks.tolist() == [0, 0, 0, 1]
+    assert ranks.tail.tolist() == [True, False, False, True]
+    assert got["val/tail/hr_5"] == 1.0  # u0 and u4 (rank 1), not u1 and u2
+    assert got["val/tail/ndcg_5"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    assert got["val/head/ndcg_5"] == 1.0
+    assert got["val/pop_1-4/hr_5"] == 1.0 and len([k for k in got if "/pop_" in k]) == 6
+    # the whole-sequence split would have put every validation target in the tail
+    assert data.tail_mask[split.targets].all()
+
+
 def without_times(history):
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
 
@@ -151,11 +205,40 @@ def test_test_metrics_are_those_of_the_best_validation_state(tiny_inputs):
     model.load_state_dict(best["state"])
     expected = reference_metrics(model, data, "test", model_cfg.max_len)
     assert {k: result.test[k] for k in expected} == pytest.approx(expected)
-    assert result.val["val/overall/ndcg_20"] == pytest.approx(
-        reference_metrics(model, data, "val", model_cfg.max_len)["val/overall/ndcg_20"])
+    val = reference_metrics(model, data, "val", model_cfg.max_len)
+    assert {k: result.val[k] for k in val} == pytest.approx(val)
+    ranks = result.test_ranks
+    assert list(zip(ranks.users.tolist(), ranks.ranks.tolist(), ranks.tail.tolist())) == \
+        reference_ranks(model, data, "test", model_cfg.max_len)
 
     during = fit(tiny_inputs, model_cfg, train_cfg, test_on_improvement=True)
     assert during.test == pytest.approx(result.test)
+    for name in ("users", "ranks", "tail"):
+        assert getattr(during.test_ranks, name).tolist() == getattr(ranks, name).tolist()
+
+
+def test_best_test_ranks_survive_a_checkpoint(tiny_inputs, tmp_path, monkeypatch):
+    """With test_on_improvement the snapshot holds the best state's test ranks, readable by
+    torch.load(weights_only=True); a run resumed after its best epoch returns them without
+    evaluating on test again."""
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "epochs": 4, "seed": 0, "lr": 0.03}, "test")
+    path = tmp_path / "state.pt"
+
+    def save_epoch_3(record, snapshot):
+        if record.epoch == 3:
+            torch.save(snapshot(), path)
+
+    straight = fit(tiny_inputs, model_cfg, train_cfg, on_epoch=save_epoch_3, test_on_improvement=True)
+    assert straight.best_epoch < 3  # epoch 4 does not improve: nothing to evaluate on test
+    splits = []
+    evaluate_ = model.train.evaluate
+    monkeypatch.setattr(model.train, "evaluate", lambda *a, **kw: splits.append(a[3]) or evaluate_(*a, **kw))
+    resumed = fit(tiny_inputs, model_cfg, train_cfg, resume=torch.load(path, weights_only=True),
+                  test_on_improvement=True)
+    assert splits == ["val"]  # epoch 4's validation only
+    assert resumed.test == pytest.approx(straight.test)
+    for name in ("users", "ranks", "tail"):
+        assert getattr(resumed.test_ranks, name).tolist() == getattr(straight.test_ranks, name).tolist()
 
 
 def test_curriculum_weight_follows_the_epochs_inside_fit(tiny_inputs):
