@@ -459,27 +459,30 @@ class LowRankAttention(nn.Module):
         """(..., L, d) -> (..., h, L, d/h)."""
         return y.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
 
-    def forward(self, x, position, allowed):
-        """x (B, L, d); position (L, d) embeddings; allowed (B, L, L): key s visible to query t."""
+    def forward(self, x, position, allowed, last_only=False):
+        """x (B, L, d); position (L, d) embeddings; allowed (B, L, L): key s visible to query t
+        -> (B, T, d) for the T query positions: all L, or with last_only the last one."""
         B, L, d = x.shape
+        queries = slice(L - 1, L) if last_only else slice(0, L)
+        allowed = allowed[:, queries]  # (B, t, s)
         scale = (d // self.num_heads) ** -0.5
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, L, d) each
         blocked = ~allowed.unsqueeze(-1)  # (B, t, s, 1)
         D_k = (k @ self.theta_k).unsqueeze(1).masked_fill(blocked, -torch.inf).softmax(2)  # (B, t, s, k)
         D_v = (v @ self.theta_v).unsqueeze(1).masked_fill(blocked, -torch.inf).softmax(2)  # (B, t, s, k)
-        q, k, v = self.heads(q), self.heads(k), self.heads(v)  # (B, h, L, d/h)
+        q, k, v = self.heads(q[:, queries]), self.heads(k), self.heads(v)  # (B, h, t | s, d/h)
         qk = (q @ k.transpose(-2, -1)) * scale  # (B, h, t, s)
         scores = torch.einsum("bhts,btsj->bhtj", qk, D_k)  # Q_t . K~_tj: (B, h, t, k)
         P = self.attn_dropout(scores.softmax(-1))  # over the k interests
         item_attention = torch.einsum("bhtj,btsj->bhts", P, D_v)  # (B, h, t, s)
 
         p = self.position_norm(position)  # (L, d)
-        pq, pk = self.heads(self.position_q(p)), self.heads(self.position_k(p))  # (h, L, d/h)
+        pq, pk = self.heads(self.position_q(p[queries])), self.heads(self.position_k(p))  # (h, t | s, d/h)
         position_scores = (pq @ pk.transpose(-2, -1)) * (2 * d // self.num_heads) ** -0.5  # (h, t, s)
         position_attention = position_scores.masked_fill(~allowed.unsqueeze(1), -torch.inf).softmax(-1)  # (B, h, t, s)
 
-        y = ((item_attention + position_attention) @ v).transpose(1, 2).reshape(B, L, d)
-        return self.norm(x + self.dropout(self.out(y)))
+        y = ((item_attention + position_attention) @ v).transpose(1, 2).flatten(2)  # (B, t, d)
+        return self.norm(x[:, queries] + self.dropout(self.out(y)))
 
 
 class LightSANsBlock(nn.Module):
@@ -489,8 +492,8 @@ class LightSANsBlock(nn.Module):
         self.ffn = FeedForward(d, dropout)
         self.norm = nn.LayerNorm(d)
 
-    def forward(self, x, position, allowed):
-        x = self.attn(x, position, allowed)  # post-LN, as RecBole's LightTransformerLayer
+    def forward(self, x, position, allowed, last_only=False):
+        x = self.attn(x, position, allowed, last_only)  # post-LN, as RecBole's LightTransformerLayer
         return self.norm(x + self.ffn(x))
 
 
@@ -517,8 +520,10 @@ class LightSANs(nn.Module):
         allowed = causal & (mask[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device))  # (B, t, s)
         keep = mask.unsqueeze(-1)
         x = self.input(x, mask)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, position, allowed) * keep
+        # with last_only the last block computes the last position only (what ranking needs)
+        x = self.blocks[-1](x, position, allowed, last_only) * (keep[:, -1:] if last_only else keep)  # (B, T, d)
         return x[:, -1] if last_only else x
 
 
