@@ -1,4 +1,5 @@
-"""Sequence encoders FAERec plugs into: SASRec, FMLP-Rec and LRURec.
+"""Sequence encoders FAERec plugs into: SASRec, FMLP-Rec and LRURec (the paper's Table 2),
+NARM, LightSANs and gMLP (its Table 4).
 
 One interface: `Backbone(hidden_size, num_layers, num_heads, dropout, max_len)` and
 `forward(x (B, L, d), mask (B, L) bool, True = real item) -> (B, L, d)`, with L <= max_len,
@@ -12,8 +13,9 @@ of the input (random init, PCA init or fused) irrelevant.
 What each backbone guarantees about padding (tests/test_backbones.py checks each):
 - every backbone: the output at real positions does not depend on what the padded
   positions of x contain (they are zeroed on entry and after every layer);
-- SASRec and LRURec: causal (the output at t only depends on inputs <= t) and unchanged
-  by extra left padding (positions are counted from the most recent item);
+- SASRec, LRURec, NARM, LightSANs and gMLP: causal (the output at t only depends on
+  inputs <= t) and unchanged by extra left padding (positions are counted from the most
+  recent item); LightSANs and gMLP are bidirectional in their papers, causal here (see each);
 - FMLP-Rec: NOT causal by design (the FFT filter mixes later positions into earlier
   ones, as in the original); it always computes on the full max_len window (shorter
   inputs are left-padded to it), so extra left padding up to max_len changes nothing.
@@ -366,4 +368,233 @@ class LRURec(nn.Module):
         return x[:, -1] if last_only else x
 
 
-BACKBONES = {"sasrec": SASRec, "fmlprec": FMLPRec, "lrurec": LRURec}
+
+
+# ----------------------------------------------------------------------------- NARM
+
+
+class NARM(nn.Module):
+    """Neural attentive recommendation machine (Li et al. 2017; layout of RecBole's narm.py).
+
+    A GRU encodes the sequence. At each position t, the global encoder is the hidden state
+    h_t (eq. 5), the local one an attention over h_1..h_t with h_t as the query (eqs. 6-7,
+    unnormalised weights as in the paper and RecBole); [c_local; c_global] -> dropout ->
+    B (2d -> d), the paper's bilinear decoder up to the dot product with the items.
+
+    Training has a target at every position, so each position's attention covers its own
+    prefix only: all (t, j) pairs at once with j > t masked, a (B, L, L, d) tensor, where
+    RecBole computes the last position's (B, L, d). `last_only` computes just that.
+    No position embeddings: the GRU orders the items. The GRU has no biases (as RecBole),
+    so zero (padded) inputs from the zero initial state keep the state at exactly zero:
+    left padding never reaches the real positions, and padded h_j add nothing to c_local.
+    """
+
+    def __init__(self, hidden_size, num_layers, num_heads, dropout, max_len):
+        super().__init__()
+        d = hidden_size
+        self.input = SequenceInput(d, max_len, dropout, positions=False)
+        self.gru = nn.GRU(d, d, num_layers, bias=False, batch_first=True)
+        self.A1 = nn.Linear(d, d, bias=False)  # eq. (7), on the attended states h_j
+        self.A2 = nn.Linear(d, d, bias=False)  # eq. (7), on the query h_t
+        self.v = nn.Linear(d, 1, bias=False)
+        self.dropout = Dropout(dropout)
+        self.B = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x, mask, last_only=False):
+        h, _ = self.gru(self.input(x, mask))  # (B, L, d); zero at padding
+        L = h.size(1)
+        query = h[:, -1:] if last_only else h  # (B, T, d): the positions computed, T = 1 or L
+        # alpha_tj = v^T sigmoid(A1 h_j + A2 h_t), eq. (7): (B, T, L)
+        alpha = self.v(torch.sigmoid(self.A1(h)[:, None] + self.A2(query)[:, :, None])).squeeze(-1)
+        if not last_only:  # position t attends to j <= t only (the last position sees all)
+            alpha = alpha * torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
+        c_local = alpha @ h  # (B, T, d), eq. (6)
+        c = self.B(self.dropout(torch.cat([c_local, query], dim=-1)))  # (B, T, d), eq. (8) before the items
+        return c[:, -1] if last_only else c * mask.unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------ LightSANs
+
+
+class LowRankAttention(nn.Module):
+    """LightSANs' low-rank decomposed self-attention plus decoupled position attention
+    (Fan et al. 2021), made causal.
+
+    Item-to-interest aggregation: each position t aggregates the keys (and, with its own
+    theta, the values) of its prefix s <= t into k latent interests,
+    K~_tj = sum_s D_tsj K_s with D_t. = softmax over s <= t of (K_s theta_j); the query Q_t
+    attends over those k interests. The original aggregates the whole sequence at once, so
+    with a target at every position an early position would see the later items: here each
+    position gets the interests of its own prefix (exactly what the original computes when
+    run on that prefix alone). That costs (B, L, L, k) weights instead of (B, k, L) and an
+    L x L attention like SASRec's: the paper's cost linear in L is given up for causality.
+    Written out as one L x L attention over the values:
+    sum_j P_tj V~_tj = sum_s (sum_j P_tj D'_tsj) V_s.
+
+    Decoupled positions: a second attention from position embeddings alone,
+    softmax_s((P_t Wq)(P_s Wk) / sqrt(2 d_h)) over s <= t, added to the item attention.
+    Both softmaxes normalise over what a query attends to (the k interests; the keys
+    s <= t); RecBole's normalise over the query positions (dim=-2), which mixes later
+    queries into earlier ones.
+    """
+
+    def __init__(self, d, num_heads, k_interests, dropout):
+        super().__init__()
+        if d % num_heads:
+            raise ValueError(f"hidden_size {d} is not a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        # theta (d, k) of the aggregation, randn as RecBole (plain parameters: init_weights leaves them)
+        self.theta_k = nn.Parameter(torch.randn(d, k_interests))
+        self.theta_v = nn.Parameter(torch.randn(d, k_interests))
+        self.position_norm = nn.LayerNorm(d)
+        self.position_q = nn.Linear(d, d)
+        self.position_k = nn.Linear(d, d)
+        self.attn_dropout = Dropout(dropout)
+        self.out = nn.Linear(d, d)
+        self.dropout = Dropout(dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def heads(self, y):
+        """(..., L, d) -> (..., h, L, d/h)."""
+        return y.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
+
+    def forward(self, x, position, allowed, last_only=False):
+        """x (B, L, d); position (L, d) embeddings; allowed (B, L, L): key s visible to query t
+        -> (B, T, d) for the T query positions: all L, or with last_only the last one."""
+        B, L, d = x.shape
+        queries = slice(L - 1, L) if last_only else slice(0, L)
+        allowed = allowed[:, queries]  # (B, t, s)
+        scale = (d // self.num_heads) ** -0.5
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, L, d) each
+        blocked = ~allowed.unsqueeze(-1)  # (B, t, s, 1)
+        D_k = (k @ self.theta_k).unsqueeze(1).masked_fill(blocked, -torch.inf).softmax(2)  # (B, t, s, k)
+        D_v = (v @ self.theta_v).unsqueeze(1).masked_fill(blocked, -torch.inf).softmax(2)  # (B, t, s, k)
+        q, k, v = self.heads(q[:, queries]), self.heads(k), self.heads(v)  # (B, h, t | s, d/h)
+        qk = (q @ k.transpose(-2, -1)) * scale  # (B, h, t, s)
+        scores = torch.einsum("bhts,btsj->bhtj", qk, D_k)  # Q_t . K~_tj: (B, h, t, k)
+        P = self.attn_dropout(scores.softmax(-1))  # over the k interests
+        item_attention = torch.einsum("bhtj,btsj->bhts", P, D_v)  # (B, h, t, s)
+
+        p = self.position_norm(position)  # (L, d)
+        pq, pk = self.heads(self.position_q(p[queries])), self.heads(self.position_k(p))  # (h, t | s, d/h)
+        position_scores = (pq @ pk.transpose(-2, -1)) * (2 * d // self.num_heads) ** -0.5  # (h, t, s)
+        position_attention = position_scores.masked_fill(~allowed.unsqueeze(1), -torch.inf).softmax(-1)  # (B, h, t, s)
+
+        y = ((item_attention + position_attention) @ v).transpose(1, 2).flatten(2)  # (B, t, d)
+        return self.norm(x[:, queries] + self.dropout(self.out(y)))
+
+
+class LightSANsBlock(nn.Module):
+    def __init__(self, d, num_heads, k_interests, dropout):
+        super().__init__()
+        self.attn = LowRankAttention(d, num_heads, k_interests, dropout)
+        self.ffn = FeedForward(d, dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, position, allowed, last_only=False):
+        x = self.attn(x, position, allowed, last_only)  # post-LN, as RecBole's LightTransformerLayer
+        return self.norm(x + self.ffn(x))
+
+
+class LightSANs(nn.Module):
+    """Low-rank decomposed self-attention encoder (Fan et al. 2021, layout of RecBole's
+    lightsans.py), causal: see `LowRankAttention`. Positions enter through the decoupled
+    position attention only, not the input; they are indexed by recency like SASRec's.
+
+    k_interests: latent interests (RecBole's default 5; it suggests max_len / 10).
+    """
+
+    def __init__(self, hidden_size, num_layers, num_heads, dropout, max_len, k_interests=5):
+        super().__init__()
+        self.input = SequenceInput(hidden_size, max_len, dropout, positions=False)
+        self.position = nn.Embedding(max_len, hidden_size)
+        self.blocks = nn.ModuleList(LightSANsBlock(hidden_size, num_heads, k_interests, dropout)
+                                    for _ in range(num_layers))
+
+    def forward(self, x, mask, last_only=False):
+        L = x.size(1)
+        position = self.position(torch.arange(L - 1, -1, -1, device=x.device))  # (L, d), by recency
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        # Real keys only; a padded query attends to itself so that no row is fully masked (NaN).
+        allowed = causal & (mask[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device))  # (B, t, s)
+        keep = mask.unsqueeze(-1)
+        x = self.input(x, mask)
+        for block in self.blocks[:-1]:
+            x = block(x, position, allowed) * keep
+        # with last_only the last block computes the last position only (what ranking needs)
+        x = self.blocks[-1](x, position, allowed, last_only) * (keep[:, -1:] if last_only else keep)  # (B, T, d)
+        return x[:, -1] if last_only else x
+
+
+# ----------------------------------------------------------------------------- gMLP
+
+
+class SpatialGatingUnit(nn.Module):
+    """s(Z) = Z1 * (W LayerNorm(Z2) + b) (Liu et al. 2021, eq. 2): W (max_len, max_len) mixes positions.
+
+    W is lower-triangular, so position t mixes positions <= t only, and indexed by recency
+    like every position here: a length-L input uses W's bottom-right L x L block, so extra
+    left padding changes nothing. Padded positions of Z2 are zeroed before W (after the
+    LayerNorm, whose bias would make them nonzero). W starts near zero and b at one, as the
+    paper: each block starts as a per-position MLP. Plain parameters, which init_weights
+    (normal 0.02 for nn.Linear) leaves alone.
+    """
+
+    def __init__(self, d_ffn, max_len):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_ffn // 2)
+        eps = 1e-3 / max_len  # "near zero"; the scale of lucidrains' g-mlp-pytorch
+        self.weight = nn.Parameter(torch.empty(max_len, max_len).uniform_(-eps, eps))
+        self.bias = nn.Parameter(torch.ones(max_len))
+
+    def forward(self, z, mask):
+        L = z.size(1)
+        u, v = z.chunk(2, dim=-1)  # (B, L, d_ffn/2) each
+        v = self.norm(v) * mask.unsqueeze(-1)
+        W = self.weight[-L:, -L:].tril()  # (L, L)
+        return u * (W @ v + self.bias[-L:, None])  # (B, L, d_ffn/2)
+
+
+class GMLPBlock(nn.Module):
+    """x + Dropout(W_out s(GELU(W_in LayerNorm(x)))), d -> 6d -> SGU -> 3d -> d (the paper's d_ffn = 6 d)."""
+
+    def __init__(self, d, max_len, dropout):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.proj_in = nn.Linear(d, 6 * d)
+        self.sgu = SpatialGatingUnit(6 * d, max_len)
+        self.proj_out = nn.Linear(3 * d, d)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x, mask):
+        z = F.gelu(self.proj_in(self.norm(x)))  # (B, L, 6d)
+        return x + self.dropout(self.proj_out(self.sgu(z, mask)))
+
+
+class GMLP(nn.Module):
+    """Gated MLP encoder (Liu et al. 2021): pre-LN blocks with a causal spatial gating unit,
+    a final LayerNorm; no position embeddings (W is position-specific)."""
+
+    def __init__(self, hidden_size, num_layers, num_heads, dropout, max_len):
+        super().__init__()
+        self.max_len = max_len
+        self.input = SequenceInput(hidden_size, max_len, dropout, positions=False)
+        self.blocks = nn.ModuleList(GMLPBlock(hidden_size, max_len, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x, mask, last_only=False):
+        if x.size(1) > self.max_len:  # also when FAERec's PreparedInput (no check) replaces self.input
+            raise ValueError(f"sequence length {x.size(1)} exceeds max_len {self.max_len}")
+        keep = mask.unsqueeze(-1)
+        x = self.input(x, mask)
+        for block in self.blocks:
+            x = block(x, mask) * keep
+        x = self.norm(x) * keep
+        return x[:, -1] if last_only else x
+
+
+BACKBONES = {"sasrec": SASRec, "fmlprec": FMLPRec, "lrurec": LRURec,
+             "narm": NARM, "lightsans": LightSANs, "gmlp": GMLP}
+# FAERecConfig fields a backbone takes beyond the shared five, passed by name
+BACKBONE_SETTINGS = {"lightsans": ("k_interests",)}

@@ -161,7 +161,7 @@ def from_mapping(cls, data, source: str, path: str = "", noun: str = "key"):
 # Model and training settings: one flat namespace, as `--set key=value` and search-space
 # params address them.
 
-BACKBONE_NAMES = ("sasrec", "fmlprec", "lrurec")
+BACKBONE_NAMES = ("sasrec", "fmlprec", "lrurec", "narm", "lightsans", "gmlp")
 
 
 @dataclass
@@ -170,7 +170,8 @@ class FAERecConfig:
     backbone: str = rule("sasrec", choices=BACKBONE_NAMES)
     hidden_size: int = rule(128, ge=1)  # d; also the size of the d x d correlation matrices of FLA
     num_layers: int = rule(2, ge=1)
-    num_heads: int = rule(2, ge=1)  # attention heads (SASRec only); must divide hidden_size
+    num_heads: int = rule(2, ge=1)  # attention heads (SASRec, LightSANs); must divide hidden_size
+    k_interests: int = rule(5, ge=1)  # LightSANs: latent interests each prefix is aggregated into (RecBole: 5)
     dropout: float | None = rule(None, ge=0, lt=1)  # backbone dropout; None = 0.4 (faerec) / 0.5 (base), the authors'
     max_len: int = rule(50, ge=1)  # most recent items kept; SASRec's cost grows quadratically in it
     proj_hidden: int = rule(768, ge=1)  # width of the eq. (2) MLP; its first layer is most of FAERec's extra cost
@@ -199,7 +200,7 @@ class FAERecConfig:
         if self.dropout is None:
             self.dropout = 0.4 if self.method == "faerec" else 0.5
         check_fields(self)
-        if self.backbone == "sasrec" and self.hidden_size % self.num_heads:
+        if self.backbone in ("sasrec", "lightsans") and self.hidden_size % self.num_heads:
             raise Invalid("num_heads", f"must divide hidden_size {self.hidden_size}, got {self.num_heads!r}")
         if self.w_min > self.w_max:
             raise Invalid("w_min", f"must be in [0, w_max = {self.w_max}], got {self.w_min!r}")
@@ -259,8 +260,9 @@ PRESETS = ("reference_code",)
 
 def preset_settings(name: str, method: str, backbone: str) -> dict:
     """The settings a preset stands for (the min epochs depend on the model, as in the code)."""
-    return {**REFERENCE_CODE,
-            "min_epochs": REFERENCE_MIN_EPOCHS["faerec" if method == "faerec" else backbone]}
+    first = REFERENCE_MIN_EPOCHS.get("faerec" if method == "faerec" else backbone)
+    # NARM, LightSANs and gMLP are not in the code's Backbone/: no star_test to copy
+    return {**REFERENCE_CODE, **({"min_epochs": first} if first is not None else {})}
 
 
 _FIELDS = {EXTERNAL.get(f.name, f.name): cls

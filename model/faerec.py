@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbones import BACKBONES, Dropout
+from model.backbones import BACKBONE_SETTINGS, BACKBONES, Dropout
 from model.config import FAERecConfig  # noqa: F401 (the settings of both models live in model.config)
 
 
@@ -150,7 +150,8 @@ class SequentialRecommender(nn.Module):
         self.cfg = cfg
         self.id_embedding = nn.Embedding(n_items + 1, cfg.hidden_size, padding_idx=0)
         self.backbone = BACKBONES[cfg.backbone](cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout,
-                                                cfg.max_len)
+                                                cfg.max_len, **{name: getattr(cfg, name) for name in
+                                                                BACKBONE_SETTINGS.get(cfg.backbone, ())})
         self.apply(init_weights)
 
     def sequence_embeddings(self, input_ids):

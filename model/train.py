@@ -395,7 +395,7 @@ def _format_table(result: FitResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="ml-100k", help="built-in name or dataset YAML path")
-    p.add_argument("--backbone", default="sasrec", help="sasrec | fmlprec | lrurec")
+    p.add_argument("--backbone", default="sasrec", help="sasrec | fmlprec | lrurec | narm | lightsans | gmlp")
     p.add_argument("--method", default="faerec", choices=["faerec", "base"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)

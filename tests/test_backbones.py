@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.backbones import BACKBONES, lru_recurrence, lru_scan
+from model.backbones import BACKBONES, LowRankAttention, SpatialGatingUnit, lru_recurrence, lru_scan
 
 D, MAX_LEN = 16, 8
 
@@ -50,7 +50,10 @@ def test_extra_left_padding_does_not_matter(name):
     torch.testing.assert_close(short[:, -4:], full[:, -4:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "lrurec"])
+CAUSAL = sorted(set(BACKBONES) - {"fmlprec"})
+
+
+@pytest.mark.parametrize("name", CAUSAL)
 def test_causal(name):
     model = make(name)
     x, mask = left_padded(6, MAX_LEN)
@@ -72,8 +75,8 @@ def test_fmlprec_is_not_causal():
 
 def test_sequence_longer_than_max_len_is_rejected():
     x, mask = torch.randn(1, MAX_LEN + 1, D), torch.ones(1, MAX_LEN + 1, dtype=torch.bool)
-    for name in ("sasrec", "fmlprec"):
-        with pytest.raises((ValueError, RuntimeError)):
+    for name in BACKBONES:
+        with pytest.raises((ValueError, RuntimeError, IndexError)):
             make(name)(x, mask)
 
 
@@ -139,3 +142,110 @@ def test_last_only_equals_the_last_position_of_the_full_output(name, rows_per_wi
     last = model(x, mask, last_only=True)
     assert last.shape == (7, D)
     torch.testing.assert_close(last, model(x, mask)[:, -1])
+
+
+def next_item_task():
+    """Four sequences of 8 items over 29; "2", "4", "16" and "18" each appear in two
+    sequences followed by different items, so predicting after them needs the history."""
+    seqs = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8],
+                         [9, 2, 10, 4, 11, 12, 13, 14],
+                         [15, 16, 17, 18, 19, 20, 21, 22],
+                         [23, 16, 24, 18, 25, 26, 27, 28]])
+    inputs = torch.cat([torch.zeros(4, 1, dtype=torch.long), seqs[:, :-1]], dim=1)  # one padded slot
+    return inputs, seqs[:, 1:], 29
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_overfits_a_tiny_next_item_task(name):
+    """Item table + backbone, softmax over every item at every position: after training,
+    every next item of the training set ranks first, including the history-dependent ones."""
+    torch.manual_seed(0)
+    inputs, targets, n_items = next_item_task()
+    items = torch.nn.Embedding(n_items, D)
+    model = BACKBONES[name](hidden_size=D, num_layers=2, num_heads=2, dropout=0.0, max_len=MAX_LEN)
+    optimizer = torch.optim.Adam([*items.parameters(), *model.parameters()], lr=1e-2)
+    mask = inputs != 0
+    for step in range(300):
+        logits = model(items(inputs), mask)[:, 1:] @ items.weight.T  # (4, 7, n_items)
+        if (logits.argmax(-1) == targets).all():
+            break
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, n_items), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (logits.argmax(-1) == targets).all(), f"not fitted after {step + 1} steps, loss {loss.item():.3f}"
+
+
+def test_narm_local_encoder_by_hand():
+    """c_t = B [sum_{j<=t} v^T sigmoid(A1 h_j + A2 h_t) h_j ; h_t] (eqs. 5-8), position by position."""
+    model = make("narm")
+    x, mask = left_padded(5, MAX_LEN, seed=6)
+    h, _ = model.gru(model.input(x, mask))
+    expected = torch.zeros(MAX_LEN, D)
+    for t in range(MAX_LEN - 5, MAX_LEN):
+        c_local = sum(model.v(torch.sigmoid(model.A1(h[0, j]) + model.A2(h[0, t]))) * h[0, j]
+                      for j in range(MAX_LEN - 5, t + 1))
+        expected[t] = model.B(torch.cat([c_local, h[0, t]]))
+    torch.testing.assert_close(model(x, mask)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lightsans_attention_aggregates_each_prefix_by_hand():
+    """Position t: RecBole's item-to-interest aggregation over the real prefix s <= t only
+    (softmax over s of K_s theta), the query's softmax over the k interests, plus the
+    position attention over s <= t; a loop over t, one head at a time."""
+    torch.manual_seed(0)
+    d, h, k_int, L, n_real = 8, 2, 3, 6, 4
+    layer = LowRankAttention(d, h, k_int, dropout=0.0).eval()
+    x = torch.randn(1, L, d)
+    x[0, :L - n_real] = 0
+    position = torch.randn(L, d)
+    mask = torch.arange(L) >= L - n_real
+    allowed = torch.ones(L, L, dtype=torch.bool).tril() & (mask[None, :] | torch.eye(L, dtype=torch.bool))
+    out = layer(x, position, allowed[None])[0]
+
+    q, k, v = layer.qkv(x[0]).chunk(3, dim=-1)  # (L, d)
+    p = layer.position_norm(position)
+    pq, pk = layer.position_q(p), layer.position_k(p)
+    dh = d // h
+    for t in range(L - n_real, L):
+        prefix = list(range(L - n_real, t + 1))
+        K, V = k[prefix], v[prefix]  # (n, d)
+        K_int = torch.softmax(K @ layer.theta_k, dim=0).T @ K  # (k, d): interests of the prefix
+        V_int = torch.softmax(V @ layer.theta_v, dim=0).T @ V
+        y = []
+        for head in range(h):
+            cols = slice(head * dh, (head + 1) * dh)
+            P = torch.softmax(K_int[:, cols] @ q[t, cols] / dh ** 0.5, dim=0)  # (k,)
+            Pp = torch.softmax(pk[prefix][:, cols] @ pq[t, cols] / (2 * dh) ** 0.5, dim=0)  # (n,)
+            y.append(P @ V_int[:, cols] + Pp @ V[:, cols])
+        expected = layer.norm(x[0, t] + layer.out(torch.cat(y)))
+        torch.testing.assert_close(out[t], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_gating_by_hand():
+    """u_t * (sum_{s<=t} W[r_t, r_s] LayerNorm(v_s) + b[r_t]) over real s, indexed by recency
+    (W's bottom-right block for a short input)."""
+    torch.manual_seed(0)
+    sgu = SpatialGatingUnit(d_ffn=6, max_len=MAX_LEN)
+    with torch.no_grad():
+        sgu.weight.normal_()  # far from its near-zero start
+        sgu.bias.normal_()
+    L, n_real = 5, 3
+    z = torch.randn(1, L, 6)
+    mask = (torch.arange(L) >= L - n_real)[None]
+    out = sgu(z, mask)[0]
+    u, v = z[0, :, :3], sgu.norm(z[0, :, 3:])
+    for t in range(L - n_real, L):
+        row = MAX_LEN - L + t  # the position's index in the max_len window
+        mixed = sum(sgu.weight[row, MAX_LEN - L + s] * v[s] for s in range(L - n_real, t + 1))
+        torch.testing.assert_close(out[t], u[t] * (mixed + sgu.bias[row]))
+
+
+def test_backbone_settings_reach_the_backbone():
+    """k_interests, a FAERecConfig field, sizes LightSANs' aggregation; num_heads must divide d."""
+    from model.config import FAERecConfig, Invalid
+    from model.faerec import build_model
+    model = build_model(FAERecConfig(method="base", backbone="lightsans", hidden_size=8, k_interests=3), n_items=5)
+    assert model.backbone.blocks[0].attn.theta_k.shape == (8, 3)
+    with pytest.raises(Invalid, match="num_heads"):
+        FAERecConfig(backbone="lightsans", hidden_size=8, num_heads=3)

@@ -42,6 +42,9 @@ def test_the_preset_selects_every_part_of_the_authors_code():
         _, train_cfg = settings_from_dict({"preset": "reference_code", "method": "base",
                                            "backbone": backbone}, "cli")
         assert train_cfg.min_epochs == first
+    # the code has no NARM, LightSANs or gMLP: the preset leaves min_epochs alone for them
+    _, train_cfg = settings_from_dict({"preset": "reference_code", "method": "base", "backbone": "narm"}, "cli")
+    assert train_cfg.min_epochs == 0 and train_cfg.epochs == 500
 
 
 @pytest.mark.parametrize("name", sorted(PARTS))
