@@ -425,7 +425,8 @@ def _markdown(rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _frame_markdown(table: pd.DataFrame) -> str:
+def frame_markdown(table: pd.DataFrame) -> str:
+    """A table as Markdown: floats to 4 significant digits, NaN as "–"."""
     return _markdown([list(table.columns)] + table.values.tolist())
 
 
@@ -452,7 +453,7 @@ def report_markdown(record: SearchRecord) -> str:
         f"{len(record.tests) if record.tests is not None else 0} comparisons of this report "
         f"(alpha {ALPHA}). Coverage@10 is a property of the whole ranking: no per-user test.",
         "## Confirmed configurations",
-        _frame_markdown(confirmed_trials[["trial", "stage", *record.params, *cols]]),
+        frame_markdown(confirmed_trials[["trial", "stage", *record.params, *cols]]),
         "## The search",
         "\n".join(f"- {k}: {v}" for k, v in record.facts.items()),
         _search_facts(record),
@@ -460,7 +461,7 @@ def report_markdown(record: SearchRecord) -> str:
         "\n\n".join(f"![{f.removesuffix('.png')}]({f})" for f in FIGURES),
     ]
     if record.tests is not None and len(record.tests):
-        parts[-2:-2] = ["## Paired tests against the base", _frame_markdown(record.tests)]
+        parts[-2:-2] = ["## Paired tests against the base", frame_markdown(record.tests)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -478,7 +479,7 @@ def _search_facts(record: SearchRecord) -> str:
                  f"{', '.join(f'{v:g}' for v in ref)} in objective units)")
     on_front = front(record)
     lines.append(f"\nPareto front of the search ({len(on_front)} of {len(_searched(record))} trials):\n")
-    lines.append(_frame_markdown(on_front[["trial", *record.params, *cols]]))
+    lines.append(frame_markdown(on_front[["trial", *record.params, *cols]]))
     return "\n".join(lines)
 
 
