@@ -733,18 +733,15 @@ def trial_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NON_SETTING_KEYS}
 
 
-def make_sampler(space: SearchSpace, constraints_func: Callable | None = None
-                 ) -> optuna.samplers.BaseSampler:
-    """TPE (one or several objectives) or NSGA-II; `constraints_func(frozen_trial)` -> values
-    <= 0 when feasible (Optuna's convention)."""
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """TPE (one or several objectives) or NSGA-II. Constraints reach either through the
+    trials (tuning.tuner.ConstrainedOptunaSearch)."""
     s = space.search
     if s.sampler == "nsgaii":
         # Optuna's default population (50) would leave a search of a few dozen trials random
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=nsga_population(s),
-                                             constraints_func=constraints_func)
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=nsga_population(s))
     # constant_liar: running trials count as pending, so concurrent trials spread out.
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True,
-                                      constraints_func=constraints_func)
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
 
 
 def nsga_population(s: SearchSettings) -> int:

@@ -132,39 +132,23 @@ def _experiment_path(space: SearchSpace, stage: str) -> str:
     return "/".join(_stage_run_config(space, stage))
 
 
-CONSTRAINT_ATTR = "constraint_values"
-
-
-class ConstraintCheck:
-    """Optuna's constraints_func: threshold - value per constraint (<= 0: feasible), from
-    the values ConstrainedOptunaSearch stored on the trial. A trial without them (failed
-    before reporting) is infeasible. A class, not a closure: the searcher is pickled."""
-
-    def __init__(self, thresholds: list[float]):
-        self.thresholds = list(thresholds)
-
-    def __call__(self, trial) -> list[float]:
-        values = trial.user_attrs.get(CONSTRAINT_ATTR)
-        if values is None:
-            return [1.0] * len(self.thresholds)
-        return [1.0 if v is None or math.isnan(v) else t - v
-                for t, v in zip(self.thresholds, values)]
-
-
 class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that hands Optuna the constraint values of a trial. Optuna reads them
-    in the sampler's after_trial, inside `tell`, and Ray's OptunaSearch tells the objective
-    values only: so they are stored on the trial as a user attribute before `tell`."""
+    """OptunaSearch that gives Optuna each finished trial's constraint values, threshold -
+    value (<= 0: feasible; a value the trial never reported counts as 0), before it tells
+    the objectives (Ray's OptunaSearch tells those only). Optuna 5's samplers (TPE and
+    NSGA-II) read them from the trial (`Trial.set_constraint`, which replaces the
+    deprecated `constraints_func`): infeasible trials rank behind every feasible one."""
 
-    def __init__(self, *args, constraint_keys: list[str], **kwargs):
+    def __init__(self, *args, constraints: list[tuple[str, float]], **kwargs):
         super().__init__(*args, **kwargs)
-        self.constraint_keys = list(constraint_keys)
+        self.constraints = list(constraints)  # (reported key, threshold)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            values = [result.get(key) for key in self.constraint_keys]
-            self._ot_trials[trial_id].set_user_attr(
-                CONSTRAINT_ATTR, [math.nan if v is None else float(v) for v in values])
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            for key, threshold in self.constraints:
+                value = (result or {}).get(key)
+                value = 0.0 if value is None or math.isnan(value) else float(value)
+                self._ot_trials[trial_id].set_constraint(key, threshold - value)
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
@@ -186,18 +170,15 @@ def constraint_thresholds(space: SearchSpace, references: pd.DataFrame | None) -
 
 
 def make_searcher(space: SearchSpace, thresholds: list[float]) -> OptunaSearch:
-    s = space.search
     keys = [key for key, _ in objective_keys(space)]
     modes = [mode for _, mode in objective_keys(space)]
     several = len(keys) > 1
-    if not s.constraints:
-        return OptunaSearch(space=define_by_run(space), metric=keys if several else keys[0],
-                            mode=modes if several else modes[0], sampler=make_sampler(space))
-    return ConstrainedOptunaSearch(
-        space=define_by_run(space), metric=keys if several else keys[0],
-        mode=modes if several else modes[0],
-        sampler=make_sampler(space, ConstraintCheck(thresholds)),
-        constraint_keys=[best_key(c.metric) for c in s.constraints])
+    common = dict(space=define_by_run(space), sampler=make_sampler(space),
+                  metric=keys if several else keys[0], mode=modes if several else modes[0])
+    if not space.search.constraints:
+        return OptunaSearch(**common)
+    return ConstrainedOptunaSearch(**common, constraints=[
+        (best_key(c.metric), threshold) for c, threshold in zip(space.search.constraints, thresholds)])
 
 
 def make_scheduler(space: SearchSpace):
