@@ -343,3 +343,18 @@ def test_the_report_answers_in_files_and_terminal(pareto_search, capsys):
     refs = outcome.record.trials[outcome.record.trials["stage"] == "reference"]
     assert sorted(refs["trial"]) == ["base", "paper-default"]
     assert np.isfinite(refs[OBJECTIVES].to_numpy(float)).all()
+
+
+def test_a_resumed_finished_search_reads_its_stages_back(pareto_search):
+    """--resume after the end: every stage's Tune experiment is restored, nothing trains
+    again, MLflow gets no new run, and the same answer comes out."""
+    space, outcome = pareto_search
+    client = MlflowClient(space.search.tracking_uri)
+    experiment = client.get_experiment_by_name(space.name).experiment_id
+    before = {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])}
+    again = run(space, resume=True)
+    assert again.parent_run_id == outcome.parent_run_id
+    after = {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])}
+    assert after == before
+    assert list(again.summary["trial"]) == list(outcome.summary["trial"])
+    assert answer_table(again.record) == answer_table(outcome.record)

@@ -73,7 +73,8 @@ def test_the_default_space_is_the_papers():
     assert kinds["w_min"] == ("uniform", 0.1, 0.9)
     assert kinds["w_max"][2] == 1.0
     assert kinds["period"] == ("int", 5, 40)
-    assert space.search.metric == "val/overall/ndcg_20" and space.search.mode == "max"
+    assert space.search.objectives == (("val/overall/ndcg_20", "max"), ("val/tail/ndcg_20", "max"))
+    assert space.search.scheduler == "asha" and space.references and space.confirm is not None
 
 
 BREAKS = [

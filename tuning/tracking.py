@@ -298,6 +298,15 @@ def sync(folder, tracking_uri: str | None = None, starting: bool = False,
     return replica
 
 
+def sync_search(folder, tracking_uri: str | None = None, starting: bool = False,
+                wait_s: float = 60.0) -> Replica:
+    """`sync` of a search's stage folders (references/, confirm/: each with its
+    tracking.json), then of the search's own folder, which ends the parent run."""
+    for stage in sorted(p for p in Path(folder).iterdir() if (p / SETTINGS_FILE).is_file()):
+        sync(stage, tracking_uri, wait_s=wait_s)
+    return sync(folder, tracking_uri, starting=starting, wait_s=wait_s)
+
+
 # ---------------------------------------------------------------- live: the Tune callback
 
 class MlflowCallback(tune.Callback):
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (Path(args.folder) / SETTINGS_FILE).is_file():
         parser.error(f"{args.folder}: no {SETTINGS_FILE}, not a folder of run_search.py")
-    replica = sync(args.folder, args.tracking_uri)
+    replica = sync_search(args.folder, args.tracking_uri)
     print(f"{args.folder} synced to {mask_url(replica.client.tracking_uri)}, "
           f"run {replica.parent_id}")
     return 0

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import pickletools
 import time
 import uuid
@@ -45,7 +46,7 @@ from tuning.report import SearchRecord, frame_markdown, write_report
 from tuning.space import REFERENCES, SearchSpace, define_by_run, make_sampler, reference_config
 from tuning.stats import paired_tests
 from tuning.trainable import RANKS_FILE, best_key, outcome, train_trial
-from tuning.tracking import MlflowCallback, sync, write_settings
+from tuning.tracking import MlflowCallback, sync_search, write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -307,10 +308,11 @@ class GivenConfigs(Searcher):
         pass
 
     def save(self, checkpoint_path: str):
-        Path(checkpoint_path).write_text(json.dumps({"configs": self.configs, "given": self.given}))
+        # a pickle, as Tune's own searchers write this file (set_aside_torn_state reads it so)
+        Path(checkpoint_path).write_bytes(pickle.dumps({"configs": self.configs, "given": self.given}))
 
     def restore(self, checkpoint_path: str):
-        self.__dict__.update(json.loads(Path(checkpoint_path).read_text()))
+        self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
 
 
 def build_fixed_tuner(space: SearchSpace, inputs, stage: str, configs: list[dict],
@@ -422,6 +424,10 @@ def distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDist
 def build_record(space: SearchSpace, table: pd.DataFrame, references: pd.DataFrame | None,
                  confirmed, facts: dict) -> SearchRecord:
     runs, curves = _confirmed_tables(confirmed)
+    # the references, then the front in the summary's order, whatever order Tune lists runs in
+    rank = {name: i for i, name in enumerate([*REFERENCES, *table["trial"]])}
+    runs = runs.sort_values(["configuration", "seed"], key=lambda c: c.map(rank)
+                            if c.name == "configuration" else c, ignore_index=True)
     per_user = per_user_results(confirmed)
     tests = paired_tests(per_user, base="base") if len(per_user) else pd.DataFrame()
     trials = pd.concat([table.assign(stage="search"),
@@ -524,9 +530,8 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     for stage in stages:  # each stage's runs under the same parent, tagged with the stage
         stage_folder(space, stage).mkdir(parents=True, exist_ok=True)
         write_settings(stage_folder(space, stage), **common, stage=stage)
-    replica = sync(folder, starting=True)  # fails early on a wrong URI; ends a crash's runs
-    for stage in stages:
-        sync(stage_folder(space, stage))
+    # fails early on a wrong URI; ends the runs a crash left RUNNING
+    replica = sync_search(folder, starting=True)
 
     best, files, result, seconds = {}, {}, "failed", {}
     record, report_files, table, references = None, {}, pd.DataFrame(), None
@@ -571,9 +576,7 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     finally:
         write_settings(folder, outcome=result, best=best)
         try:  # waits (as long as MLflow's client retries) for a store that was unreachable
-            for stage in stages:
-                sync(stage_folder(space, stage), wait_s=300)
-            sync(folder, wait_s=300)  # last: it ends the parent run, with the report
+            sync_search(folder, wait_s=300)  # the search's folder last: it ends the parent run
         except Exception as exc:  # noqa: BLE001 - the folder keeps everything
             logger.warning("MLflow not updated (%s); send the results later with: "
                            "python -m tuning.tracking sync %s", exc, folder)
