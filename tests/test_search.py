@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -358,3 +359,34 @@ def test_a_resumed_finished_search_reads_its_stages_back(pareto_search):
     assert after == before
     assert list(again.summary["trial"]) == list(outcome.summary["trial"])
     assert answer_table(again.record) == answer_table(outcome.record)
+
+
+def test_paired_tests_come_from_each_confirmation_runs_saved_ranks(pareto_search):
+    """Each confirmation run keeps its users' test ranks in its last checkpoint; they
+    reproduce the run's reported test metrics, and the report's Wilcoxon tests are those
+    of tuning.stats over exactly these per-user values."""
+    from model.metrics import UserRanks
+    from tuning.stats import paired_tests
+    from tuning.trainable import RANKS_FILE
+
+    space, outcome = pareto_search
+    record = outcome.record
+    compared = set(record.confirmed["configuration"]) - {"base"}
+    assert set(record.tests["configuration"]) == compared
+    assert len(record.tests) == 4 * len(compared)  # overall/tail x hr_10/ndcg_10
+    rows = []
+    for trial in sorted((local_folder(space) / "confirm").glob("trial_*")):
+        config = json.loads((trial / "params.json").read_text())
+        ranks = UserRanks.load(max(trial.glob("checkpoint_*")) / RANKS_FILE)
+        reported = record.confirmed[(record.confirmed["configuration"] == config["configuration"])
+                                    & (record.confirmed["seed"] == config["seed"])].iloc[0]
+        per_user = ranks.metrics(10)
+        assert per_user["hr_10"].mean() == pytest.approx(reported["test/overall/hr_10"])
+        assert per_user["ndcg_10"][ranks.tail].mean() == pytest.approx(reported["test/tail/ndcg_10"])
+        rows.append(pd.DataFrame({"configuration": config["configuration"], "seed": config["seed"],
+                                  "user": ranks.users, "tail": ranks.tail, **per_user}))
+    again = paired_tests(pd.concat(rows, ignore_index=True), base="base")
+    key = ["configuration", "group", "metric"]
+    mine = record.tests.sort_values(key).reset_index(drop=True)
+    assert np.allclose(mine["p_holm"], again.sort_values(key).reset_index(drop=True)["p_holm"])
+    assert "p=" in answer_table(record)
