@@ -58,6 +58,7 @@ def write_space(folder: Path, name: str, tracking_uri: str | None = None, params
         "fixed": {"method": "faerec", "backbone": "sasrec", "hidden_size": 8, "max_len": 20,
                   "proj_hidden": 16},
         "params": params or {"lambda": {"type": "loguniform", "low": 0.001, "high": 0.1}},
+        "references": False, "confirm": False,  # the search stage alone
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))
