@@ -70,12 +70,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
 
-    from tuning.tuner import to_markdown
+    from tuning.report import answer_table, frame_markdown
+    from tuning.tuner import objective_keys
     counts = ", ".join(f"{n} {k}" for k, n in sorted(outcome.counts.items()))
     print(f"\nSearch {space.name!r} finished in {outcome.seconds:.0f} s: {counts}.")
-    print("\nTop trials (selected on validation; test metrics of each trial's best state):")
-    print(to_markdown(outcome.summary.head(10)))
-    print(f"\nSummary: {outcome.summary_files['csv']}  {outcome.summary_files['md']}")
+    several = len(space.search.objectives) > 1
+    print("\nTop trials (" + ("Pareto front first; " if several else "")
+          + "selected on validation; test metrics of each trial's best state):")
+    shown = ["trial", "outcome", "epochs", *(k for k, _ in objective_keys(space)),
+             "test/overall/hr_10", "test/tail/hr_10"]
+    print(frame_markdown(outcome.summary.head(10)[[c for c in shown if c in outcome.summary]]
+                         .rename(columns=lambda c: c.removeprefix("best/"))))
+    print(f"\nSummary (every parameter): {outcome.summary_files['csv']}  "
+          f"{outcome.summary_files['md']}")
     print(f"Ray Tune results: {outcome.experiment_path}")
     print(f"MLflow: parent run {outcome.parent_run_id} in experiment {space.name!r} "
           f"(id {outcome.experiment_id}) of {mask_url(space.search.tracking_uri)}")
@@ -86,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print("Open the UI with `make ui` (bash mlflow/server.sh), then:")
     # MLflow 3 opens experiments in its GenAI view; this one lists the runs.
     print(f"    {base}/#/experiments/{outcome.experiment_id}?workflowType=machine_learning")
+    if outcome.record is not None:
+        print("\nConfirmed against the base (test metrics, mean ± std over seeds "
+              f"{sorted(outcome.record.confirmed['seed'].unique().tolist())}; change against "
+              "the base: % overall, x tail; Holm-adjusted Wilcoxon p):")
+        print(answer_table(outcome.record))
+        print(f"\nReport: {outcome.report_files['report.md']}")
     return 0
 
 

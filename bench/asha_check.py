@@ -37,7 +37,7 @@ def main() -> int:
     table = pd.read_csv(folder / "summary.csv", dtype={"trial": str})
     kept = table[table["outcome"] == "completed"]
     stopped = table[table["outcome"] == "early-stopped"].head(args.top)
-    best_kept = kept[f"best {metric}"].max()
+    best_kept = kept[f"best/{metric}"].max()
     print(f"{len(stopped)} of {(table['outcome'] == 'early-stopped').sum()} early-stopped trials "
           f"rerun to {space.search.max_epochs} epochs; best kept trial: {best_kept:.4f}")
 
@@ -49,7 +49,7 @@ def main() -> int:
         model_cfg, train_cfg = settings_from_dict(trial_settings(params), f"trial {row.trial}")
         result = fit(inputs, model_cfg, train_cfg)
         full = result.val[metric]
-        then = table.loc[row.Index, f"best {metric}"]
+        then = table.loc[row.Index, f"best/{metric}"]
         print(f"| {row.trial} | {row.epochs} | {then:.4f} | {full:.4f} | "
               f"{'yes' if full > best_kept else 'no'} |", flush=True)
     return 0

@@ -42,6 +42,8 @@ params:
     type: loguniform
     low: 0.001
     high: 0.1
+references: false
+confirm: false
 """
 
 # Runs the cases it reads on stdin, each through its CLI's main(argv), and writes one

@@ -207,6 +207,7 @@ def write_space(folder: Path, name: str, search: dict, dataset="ml-100k",
         "fixed": {"method": "faerec", "backbone": "sasrec", "hidden_size": 8, "max_len": 10,
                   "num_layers": 1, "proj_hidden": 16},
         "params": {"lambda": {"type": "loguniform", "low": 0.001, "high": 0.1}},
+        "references": False, "confirm": False,  # the search stage alone
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))

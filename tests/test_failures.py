@@ -58,6 +58,7 @@ def write_space(folder: Path, name: str, tracking_uri: str | None = None, params
         "fixed": {"method": "faerec", "backbone": "sasrec", "hidden_size": 8, "max_len": 20,
                   "proj_hidden": 16},
         "params": params or {"lambda": {"type": "loguniform", "low": 0.001, "high": 0.1}},
+        "references": False, "confirm": False,  # the search stage alone
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -517,7 +518,7 @@ import json, sys, tempfile, time
 from pathlib import Path
 import ray
 from ray import tune
-from tuning.tuner import ResumableASHA
+from tuning.mo_asha import MultiObjectiveASHA
 
 def trainable(config):
     """score = x * epoch, 4 epochs of 0.4 s, a checkpoint every epoch. In the first driver,
@@ -546,8 +547,9 @@ else:
         trainable, param_space={"x": tune.grid_search([0.5, 0.9, 0.3, 0.2, 0.8])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=1, trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
-            scheduler=ResumableASHA(time_attr="epoch", metric="score", mode="max", max_t=4,
-                                    grace_period=1, reduction_factor=2)),
+            scheduler=MultiObjectiveASHA([("score", "max")], time_attr="epoch", max_t=4,
+                                         grace_period=1, reduction_factor=2,
+                                         state_path=f"{storage}/asha_state.json")),
         run_config=tune.RunConfig(name="asha", storage_path=storage,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
 tuner.fit()

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuning.report import (FIGURES, SearchRecord, answer_table, change, curves_figure, front,
+from tuning.report import (FIGURES, SearchRecord, answer_rows, answer_table, change, curves_figure, front,
                            front_hypervolume, param_importances, pareto_front_figure,
                            popularity_groups_figure, verdicts, write_report)
 from tuning.stats import paired_tests
@@ -86,25 +86,43 @@ def test_change_formats():
 
 
 def test_answer_table_cells_match_an_independent_computation(record):
+    """Each configuration's line holds mean ± std over seeds; the line under it the change
+    against the base and the Holm-adjusted p; within 120 columns."""
     text = answer_table(record)
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["configuration", "seeds", "HR@10"]
-    assert [l.split()[0] for l in lines[2:]] == ["base", "paper-default", "lifter", "flat"]
+    named = [l.split()[0] for l in lines[2:] if not l.startswith(" ")]
+    assert named == ["base", "paper-default", "lifter", "flat"]
+    assert max(map(len, lines)) <= 120
     c = record.confirmed
     for configuration in ("lifter", "flat"):
-        line = next(l for l in lines if l.startswith(configuration))
-        for column, how, group, metric in (("test/overall/hr_10", "percent", "overall", "hr_10"),
-                                           ("test/tail/ndcg_10", "ratio", "tail", "ndcg_10")):
+        at = next(i for i, l in enumerate(lines) if l.startswith(configuration))
+        line, notes = lines[at], lines[at + 1]
+        for k, (column, how, group, metric) in enumerate((
+                ("test/overall/hr_10", "percent", "overall", "hr_10"),
+                ("test/overall/ndcg_10", "percent", "overall", "ndcg_10"),
+                ("test/tail/hr_10", "ratio", "tail", "hr_10"),
+                ("test/tail/ndcg_10", "ratio", "tail", "ndcg_10"))):
             mine = c.loc[c.configuration == configuration, column].tolist()
             base = statistics.mean(c.loc[c.configuration == "base", column])
             p = record.tests.query("configuration == @configuration and group == @group "
                                    "and metric == @metric")["p_holm"].item()
             ratio = statistics.mean(mine) / base
             shown = f"{(ratio - 1) * 100:+.1f}%" if how == "percent" else f"{ratio:.2f}x"
-            assert (f"{statistics.mean(mine):.4f} ± {statistics.stdev(mine):.4f} "
-                    f"({shown}, p={p:.2g})") in line
-    base_line = next(l for l in lines if l.startswith("base"))
-    assert "(" not in base_line  # the base has no change against itself
+            value = f"{statistics.mean(mine):.4f} ± {statistics.stdev(mine):.4f}"
+            assert value in line
+            # the note sits under its value, column by column
+            assert notes[line.index(value):].startswith(f"{shown}, p={p:.2g}"), (configuration, column)
+    base_at = next(i for i, l in enumerate(lines) if l.startswith("base"))
+    assert lines[base_at + 1].startswith("paper-default")  # no change of the base against itself
+
+
+def test_report_table_puts_change_and_p_in_brackets(record):
+    rows = answer_rows(record)
+    lifter = next(r for r in rows if r[0] == "lifter")
+    p = record.tests.query("configuration == 'lifter' and group == 'tail' and metric == 'hr_10'")
+    assert lifter[4].endswith(f"x, p={p['p_holm'].item():.2g})")
+    assert "(" not in " ".join(next(r for r in rows if r[0] == "base"))
 
 
 def test_verdicts_tell_a_real_tail_lift_from_noise(record):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -19,15 +20,18 @@ from conftest import reference_metrics, write_faerec_dataset
 from model.data import SequenceData, load_dataset
 from model.faerec import build_model
 from model.train import Inputs, load_inputs, settings_from_dict
+from tuning.pareto import losses, pareto_mask
+from tuning.report import FIGURES, answer_table
 from tuning.space import load_space, trial_settings
-from tuning.tuner import SUMMARY_COLUMNS, build_tuner, run, summarise
+from tuning.tuner import SUMMARY_COLUMNS, build_tuner, local_folder, run, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_space(folder: Path, data: Path, emb: Path, **search) -> Path:
+def write_space(folder: Path, data: Path, emb: Path, top: dict | None = None, **search) -> Path:
     """A tiny search: the bad learning rate comes last, so ASHA has good trials to compare
-    it with when it reaches the first rung (grace period 2 epochs)."""
+    it with when it reaches the first rung (grace period 2 epochs). No references and no
+    confirmation unless `top` (top-level sections) asks for them."""
     space = {
         "name": "tiny",
         "dataset": {"format": "faerec", "interactions": str(data), "embeddings": str(emb),
@@ -44,6 +48,7 @@ def write_space(folder: Path, data: Path, emb: Path, **search) -> Path:
                   "num_layers": 1, "batch_size": 16, "proj_hidden": 16},
         "params": {"lr": {"type": "grid", "choices": [0.01, 0.005, 0.003, 1.0e-7]},
                    "tau": {"type": "loguniform", "low": 0.02, "high": 0.5}},
+        "references": False, "confirm": False, **(top or {}),
     }
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -84,7 +89,7 @@ def test_every_trial_runs_and_reports_to_mlflow(finished_search):
     # the best trial's validation and test metrics on the parent
     best = outcome.summary.iloc[0]
     assert parent.data.metrics["best/val/overall/ndcg_20"] == pytest.approx(
-        best["best val/overall/ndcg_20"])
+        best["best/val/overall/ndcg_20"])
     for key in SUMMARY_COLUMNS:
         assert parent.data.metrics[key] == pytest.approx(best[key]), key
 
@@ -107,8 +112,8 @@ def test_asha_stops_the_trial_with_a_useless_learning_rate(finished_search):
     assert bad["outcome"] == "early-stopped" and bad["epochs"] == 2
     assert (table["outcome"] == "completed").any()
     # it was stopped for being worse: it never learnt, so every other trial validates higher
-    others = table[table["lr"] != 1.0e-7]["best val/overall/ndcg_20"]
-    assert bad["best val/overall/ndcg_20"] < others.min()
+    others = table[table["lr"] != 1.0e-7]["best/val/overall/ndcg_20"]
+    assert bad["best/val/overall/ndcg_20"] < others.min()
 
 
 def test_each_trials_test_metrics_are_those_of_its_best_validation_state(finished_search):
@@ -136,7 +141,7 @@ def test_each_trials_test_metrics_are_those_of_its_best_validation_state(finishe
         curve = client.get_metric_history(children[row["trial"]].info.run_id, metric)
         val = reference_metrics(model, data, "val", model_cfg.max_len)[metric]
         assert val == pytest.approx(max(m.value for m in curve)), row["trial"]
-        assert val == pytest.approx(row[f"best {metric}"])
+        assert val == pytest.approx(row[f"best/{metric}"])
         test = reference_metrics(model, data, "test", model_cfg.max_len)
         for key in SUMMARY_COLUMNS:
             assert row[key] == pytest.approx(test[key]), (row["trial"], key)
@@ -147,7 +152,7 @@ def test_summary_files_hold_every_trial_best_validation_first(finished_search):
     with open(outcome.summary_files["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
-    best = [float(r["best val/overall/ndcg_20"]) for r in rows]
+    best = [float(r["best/val/overall/ndcg_20"]) for r in rows]
     assert best == sorted(best, reverse=True)
     assert "test/tail/ndcg_10" in rows[0]
     assert outcome.summary_files["md"].read_text().startswith("| trial |")
@@ -229,3 +234,159 @@ def test_a_torn_state_save_is_set_aside_and_the_one_before_restores(finished_sea
     assert len(restored._ot_study.trials) == space.search.num_samples
     set_aside_torn_state(folder)  # a complete newest save is left alone
     assert (folder / f"experiment_state-{session}.json").exists()
+
+
+# ---------------------------------------------------------------- two objectives, all stages
+
+OBJECTIVES = ["best/val/overall/ndcg_20", "best/val/tail/ndcg_20"]
+
+
+@pytest.fixture(scope="module")
+def pareto_search(tmp_path_factory, local_ray):
+    """Every stage of a two-objective search on the tiny dataset: references, 4 trials under
+    MO-ASHA and a constraint against the base, confirmation of the front (at most 2) and the
+    references with 2 new seeds, the report."""
+    folder = tmp_path_factory.mktemp("pareto")
+    data, emb = write_faerec_dataset(folder / "data")
+    path = write_space(
+        folder, data, emb, top={"references": True, "confirm": {"top": 2, "seeds": 2},
+                                "name": "tiny-pareto"},
+        metric=None, objectives=[{"metric": "val/overall/ndcg_20", "mode": "max"},
+                                 {"metric": "val/tail/ndcg_20", "mode": "max"}],
+        constraints=[{"metric": "val/overall/ndcg_20", "at_least": 0.5, "of": "base"}],
+        max_epochs=3, max_concurrent=2,
+        scheduler={"type": "mo_asha", "grace_period": 1, "reduction_factor": 2})
+    text = yaml.safe_load(path.read_text())
+    text["search"].pop("metric")
+    path.write_text(yaml.safe_dump(text))
+    space = load_space(path)
+    return space, run(space)
+
+
+def test_every_stage_is_in_mlflow_under_one_parent_with_its_tag(pareto_search):
+    space, outcome = pareto_search
+    client = MlflowClient(space.search.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(space.name).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [outcome.parent_run_id]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert all(c.data.tags["mlflow.parentRunId"] == outcome.parent_run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in [*parents, *children])
+    by_stage = {}
+    for c in children:
+        by_stage.setdefault(c.data.tags["stage"], []).append(c)
+    references = {r.data.tags["configuration"]: r for r in by_stage["reference"]}
+    assert sorted(references) == ["base", "paper-default"]
+    assert references["base"].data.params["method"] == "base"
+    assert references["paper-default"].data.params["lambda"] == "0.005"
+    assert len(by_stage["search"]) == 4
+    confirmed = {(c.data.tags["configuration"], c.data.tags["seed"]) for c in by_stage["confirm"]}
+    front = set(outcome.record.confirmed["configuration"]) - {"base", "paper-default"}
+    assert 1 <= len(front) <= 2
+    # one run per (configuration, seed); new seeds: the search trained with 42 (the default)
+    assert confirmed == {(c, s) for c in ["base", "paper-default", *front] for s in ("43", "44")}
+    assert len(by_stage["confirm"]) == len(confirmed)
+    search_ids = {c.data.tags["trial_id"] for c in by_stage["search"]}
+    assert front <= search_ids
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "report")}
+    assert artifacts == {f"report/{name}" for name in ("report.md", *FIGURES)}
+
+
+def test_confirmed_configurations_are_the_searchs_front_retrained(pareto_search):
+    space, outcome = pareto_search
+    table = outcome.summary
+    values = table[OBJECTIVES].to_numpy(float)
+    front = set(table["trial"][pareto_mask(losses(values, ["max", "max"]))])
+    confirmed = set(outcome.record.confirmed["configuration"]) - {"base", "paper-default"}
+    assert confirmed <= front and len(confirmed) == min(2, len(front))
+    # the summary lists the front first
+    assert set(table["trial"][:len(front)]) == front
+    # each confirmation run trained its trial's configuration, with a confirmation seed
+    confirm = Path(local_folder(space)) / "confirm"
+    trials = {Path(t).name: json.loads((Path(t) / "params.json").read_text())
+              for t in confirm.glob("trial_*")}
+    searched = {Path(t).name.removeprefix("trial_"): json.loads((Path(t) / "params.json").read_text())
+                for t in Path(local_folder(space)).glob("trial_*")}
+    for config in trials.values():
+        if config["configuration"] in searched:
+            original = searched[config["configuration"]]
+            assert (config["lr"], config["tau"]) == (original["lr"], original["tau"])
+        assert config["seed"] in (43, 44) and config["epochs"] == space.search.max_epochs
+
+
+def test_the_constraint_reaches_optuna_against_the_bases_validation_value(pareto_search):
+    from ray.tune.search.optuna import OptunaSearch
+
+    space, outcome = pareto_search
+    base = outcome.record.trials.set_index("trial").loc["base", OBJECTIVES[0]]
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(local_folder(space)))
+    told = [t for t in searcher._ot_study.trials if t.values is not None]
+    assert len(told) == space.search.num_samples
+    for trial in told:
+        overall = trial.values[0]  # the constraint's metric is also the first objective
+        # what the samplers read: threshold - value, <= 0 when feasible
+        assert trial.constraints == pytest.approx({OBJECTIVES[0]: 0.5 * base - overall})
+
+
+def test_the_report_answers_in_files_and_terminal(pareto_search, capsys):
+    space, outcome = pareto_search
+    folder = local_folder(space) / "report"
+    assert outcome.report_files["report.md"] == folder / "report.md"
+    for name in FIGURES:
+        assert (folder / name).stat().st_size > 1000, name
+    report = (folder / "report.md").read_text()
+    assert report.startswith(f"# {space.name}: does a configuration lift tail items")
+    table = answer_table(outcome.record)
+    for configuration in outcome.record.confirmed["configuration"].unique():
+        assert configuration in report and configuration in table
+    assert max(len(line) for line in table.splitlines()) <= 120
+    refs = outcome.record.trials[outcome.record.trials["stage"] == "reference"]
+    assert sorted(refs["trial"]) == ["base", "paper-default"]
+    assert np.isfinite(refs[OBJECTIVES].to_numpy(float)).all()
+
+
+def test_a_resumed_finished_search_reads_its_stages_back(pareto_search):
+    """--resume after the end: every stage's Tune experiment is restored, nothing trains
+    again, MLflow gets no new run, and the same answer comes out."""
+    space, outcome = pareto_search
+    client = MlflowClient(space.search.tracking_uri)
+    experiment = client.get_experiment_by_name(space.name).experiment_id
+    before = {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])}
+    again = run(space, resume=True)
+    assert again.parent_run_id == outcome.parent_run_id
+    after = {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])}
+    assert after == before
+    assert list(again.summary["trial"]) == list(outcome.summary["trial"])
+    assert answer_table(again.record) == answer_table(outcome.record)
+
+
+def test_paired_tests_come_from_each_confirmation_runs_saved_ranks(pareto_search):
+    """Each confirmation run keeps its users' test ranks in its last checkpoint; they
+    reproduce the run's reported test metrics, and the report's Wilcoxon tests are those
+    of tuning.stats over exactly these per-user values."""
+    from model.metrics import UserRanks
+    from tuning.stats import paired_tests
+    from tuning.trainable import RANKS_FILE
+
+    space, outcome = pareto_search
+    record = outcome.record
+    compared = set(record.confirmed["configuration"]) - {"base"}
+    assert set(record.tests["configuration"]) == compared
+    assert len(record.tests) == 4 * len(compared)  # overall/tail x hr_10/ndcg_10
+    rows = []
+    for trial in sorted((local_folder(space) / "confirm").glob("trial_*")):
+        config = json.loads((trial / "params.json").read_text())
+        ranks = UserRanks.load(max(trial.glob("checkpoint_*")) / RANKS_FILE)
+        reported = record.confirmed[(record.confirmed["configuration"] == config["configuration"])
+                                    & (record.confirmed["seed"] == config["seed"])].iloc[0]
+        per_user = ranks.metrics(10)
+        assert per_user["hr_10"].mean() == pytest.approx(reported["test/overall/hr_10"])
+        assert per_user["ndcg_10"][ranks.tail].mean() == pytest.approx(reported["test/tail/ndcg_10"])
+        rows.append(pd.DataFrame({"configuration": config["configuration"], "seed": config["seed"],
+                                  "user": ranks.users, "tail": ranks.tail, **per_user}))
+    again = paired_tests(pd.concat(rows, ignore_index=True), base="base")
+    key = ["configuration", "group", "metric"]
+    mine = record.tests.sort_values(key).reset_index(drop=True)
+    assert np.allclose(mine["p_holm"], again.sort_values(key).reset_index(drop=True)["p_holm"])
+    assert "p=" in answer_table(record)

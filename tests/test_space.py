@@ -14,7 +14,7 @@ from scipy import stats
 from model.errors import ConfigError
 from model.train import settings_from_dict
 from tuning.space import (ABLATIONS, GAP_MIN, PROJECT_ROOT, define_by_run, load_space,
-                          make_sampler, plan, trial_settings)
+                          make_sampler, plan, reference_config, trial_settings)
 
 SHIPPED = sorted((PROJECT_ROOT / "search_spaces").glob("*.yaml"))
 N_SAMPLED = 200
@@ -73,7 +73,8 @@ def test_the_default_space_is_the_papers():
     assert kinds["w_min"] == ("uniform", 0.1, 0.9)
     assert kinds["w_max"][2] == 1.0
     assert kinds["period"] == ("int", 5, 40)
-    assert space.search.metric == "val/overall/ndcg_20" and space.search.mode == "max"
+    assert space.search.objectives == (("val/overall/ndcg_20", "max"), ("val/tail/ndcg_20", "max"))
+    assert space.search.scheduler == "asha" and space.references and space.confirm is not None
 
 
 BREAKS = [
@@ -137,7 +138,51 @@ BREAKS = [
     ("asha with sparse validation", lambda s: s["search"].update(eval_every=2),
      "X: search.eval_every: must be 1 with scheduler asha"),
     ("bad scheduler", lambda s: s["search"]["scheduler"].update(type="hyperband"),
-     "X: search.scheduler.type: must be one of asha, none, got 'hyperband'"),
+     "X: search.scheduler.type: must be one of asha, mo_asha, none, got 'hyperband'"),
+    ("metric and objectives", lambda s: s["search"].update(
+        metric="val/overall/ndcg_20", objectives=[{"metric": "val/tail/ndcg_20"}]),
+     "X: search.objectives: give either search.metric or search.objectives, not both"),
+    ("objectives not a list", lambda s: s["search"].update(objectives="val/tail/ndcg_20"),
+     "X: search.objectives: expected a non-empty list of mappings, got 'val/tail/ndcg_20'"),
+    ("empty objectives", lambda s: s["search"].update(objectives=[]),
+     "X: search.objectives: expected a non-empty list of mappings, got []"),
+    ("objective not reported", lambda s: s["search"].update(objectives=[
+        {"metric": "val/overall/ndcg_20"}, {"metric": "val/tail/recall_20"}]),
+     "X: search.objectives[1].metric: 'val/tail/recall_20' is not a validation metric"),
+    ("objective on test", lambda s: s["search"].update(objectives=[
+        {"metric": "test/tail/ndcg_20"}]),
+     "X: search.objectives[0].metric: 'test/tail/ndcg_20' is not a validation metric"),
+    ("objective twice", lambda s: s["search"].update(objectives=[
+        {"metric": "val/tail/ndcg_20"}, {"metric": "val/tail/ndcg_20", "mode": "max"}]),
+     "X: search.objectives[1].metric: 'val/tail/ndcg_20' is already an objective"),
+    ("objective mode", lambda s: s["search"].update(objectives=[
+        {"metric": "val/tail/ndcg_20", "mode": "min"}]),
+     "X: search.objectives[0].mode: must be max (every reported metric is higher-is-better), got 'min'"),
+    ("objective key", lambda s: s["search"].update(objectives=[{"metrc": "val/tail/ndcg_20"}]),
+     "X: search.objectives[0]: unknown key 'metrc' (did you mean 'metric'?)"),
+    ("bad sampler", lambda s: s["search"].update(sampler="cmaes"),
+     "X: search.sampler: must be one of tpe, nsgaii, got 'cmaes'"),
+    ("constraint of nothing known", lambda s: s["search"].update(constraints=[
+        {"metric": "val/overall/ndcg_20", "at_least": 0.98, "of": "sasrec"}]),
+     "X: search.constraints[0].of: must be one of base, paper-default (or left out: at_least is then "
+     "the value itself), got 'sasrec'"),
+    ("constraint bound", lambda s: s["search"].update(constraints=[
+        {"metric": "val/overall/ndcg_20", "at_least": -1}]),
+     "X: search.constraints[0].at_least: must be > 0, got -1"),
+    ("constraint metric", lambda s: s["search"].update(constraints=[
+        {"metric": "test/overall/ndcg_20", "at_least": 0.1}]),
+     "X: search.constraints[0].metric: 'test/overall/ndcg_20' is not a validation metric"),
+    ("constraint without its reference", lambda s: (s.update(references=False), s["search"].update(
+        constraints=[{"metric": "val/overall/ndcg_20", "at_least": 0.98, "of": "base"}])),
+     "X: search.constraints[0].of: 'base' needs the references, but the space sets references: false"),
+    ("references not a bool", lambda s: s.update(references="yes"),
+     "X: references: expected a boolean, got 'yes'"),
+    ("confirm seeds", lambda s: s.update(confirm={"top": 3, "seeds": 0}),
+     "X: confirm.seeds: must be >= 1, got 0"),
+    ("confirm key", lambda s: s.update(confirm={"tops": 3}),
+     "X: confirm: unknown key 'tops' (did you mean 'top'?)"),
+    ("confirm not a mapping", lambda s: s.update(confirm=3),
+     "X: confirm: expected a mapping, got 3"),
     ("bad name", lambda s: s.update(name="a/b"), "X: name: use letters, digits"),
     ("bad embedding", lambda s: s["embedding"].update(encoder="word2vec"), "X: embedding.encoder: must be one of auto"),
     ("bad dataset field", lambda s: s.update(dataset={"format": "ml-100k", "colour": 1}),
@@ -482,3 +527,60 @@ def test_ray_optuna_search_gets_settings_plus_the_two_labels():
         model_cfg, _ = settings_from_dict(trial_settings(config), source=name)
         assert model_cfg.w_min < model_cfg.w_max
     assert not ray.is_initialized()
+
+
+def test_several_objectives_constraints_and_stages_are_read(tmp_path):
+    space = valid_space()
+    space["search"].update(
+        objectives=[{"metric": "val/overall/ndcg_20", "mode": "max"}, {"metric": "val/tail/hr_10"}],
+        sampler="nsgaii", num_samples=24,
+        constraints=[{"metric": "val/overall/ndcg_20", "at_least": 0.98, "of": "base"},
+                     {"metric": "val/tail/hr_10", "at_least": 0.01}])
+    space["confirm"] = {"top": 2, "seeds": 4}
+    loaded = load_space(write(tmp_path, space))
+    s = loaded.search
+    assert s.objectives == (("val/overall/ndcg_20", "max"), ("val/tail/hr_10", "max"))
+    assert (s.metric, s.mode) == ("val/overall/ndcg_20", "max")  # the first picks the best epoch
+    assert [(c.metric, c.at_least, c.of) for c in s.constraints] == [
+        ("val/overall/ndcg_20", 0.98, "base"), ("val/tail/hr_10", 0.01, None)]
+    assert loaded.references and (loaded.confirm.top, loaded.confirm.seeds) == (2, 4)
+    sampler = make_sampler(loaded)
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler)
+    assert define_by_run(loaded)(optuna.create_study().ask())["select_metric"] == "val/overall/ndcg_20"
+    text = plan(loaded)
+    assert "objectives: max val/overall/ndcg_20, max val/tail/hr_10" in text
+    assert "NSGA-II (population 6, seed 0)" in text and "MO-ASHA" in text
+    assert "constraints: val/overall/ndcg_20 >= 0.98 x base's, val/tail/hr_10 >= 0.01" in text
+    assert "2 new seeds" not in text and "4 new seeds each" in text
+
+
+def test_one_metric_still_works_and_stages_default_on(tmp_path):
+    space = valid_space()
+    space["search"].update(metric="val/tail/ndcg_10")
+    loaded = load_space(write(tmp_path, space))
+    assert loaded.search.objectives == (("val/tail/ndcg_10", "max"),)
+    assert isinstance(make_sampler(loaded), optuna.samplers.TPESampler)
+    assert loaded.references and (loaded.confirm.top, loaded.confirm.seeds) == (3, 3)
+    space["search"].pop("metric")
+    space.update(references=False, confirm=False)
+    loaded = load_space(write(tmp_path, space))
+    assert loaded.search.objectives == (("val/overall/ndcg_20", "max"),)
+    assert not loaded.references and loaded.confirm is None
+    assert "references: none" in plan(loaded) and "confirm:    none" in plan(loaded)
+
+
+def test_references_are_the_backbone_alone_and_the_papers_defaults(tmp_path):
+    space = valid_space()
+    space["fixed"].update(tau=0.3, seed=7)
+    space["params"].pop("tau")
+    loaded = load_space(write(tmp_path, space))
+    base = reference_config(loaded, "base")
+    paper = reference_config(loaded, "paper-default")
+    assert base["method"] == "base" and base["seed"] == 7 and base["epochs"] == 10
+    assert base["hidden_size"] == 16  # the fixed settings every run shares
+    model_cfg, _ = settings_from_dict(trial_settings(paper), source="paper")
+    # the paper's sec. 5 values, whatever the space fixes
+    assert (model_cfg.lambda_, model_cfg.alpha, model_cfg.tau, model_cfg.w_min, model_cfg.w_max,
+            model_cfg.period) == (0.005, 0.2, 0.05, 0.9, 1.0, 30)
+    assert model_cfg.method == "faerec" and paper["configuration"] == "paper-default"
+    assert "configuration" not in trial_settings(paper)

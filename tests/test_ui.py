@@ -56,6 +56,7 @@ def logged_search(tmp_path_factory):
         "fixed": {"method": "faerec", "backbone": "sasrec", "hidden_size": 8, "max_len": 20,
                   "proj_hidden": 16},
         "params": {"lambda": {"type": "loguniform", "low": 0.001, "high": 0.1}},
+        "references": False, "confirm": False,  # the search stage alone
     }
     path = folder / "ui.yaml"
     path.write_text(yaml.safe_dump(space))

@@ -93,36 +93,51 @@ def _test(record: SearchRecord, configuration: str, test) -> pd.Series | None:
     return rows.iloc[0] if len(rows) else None
 
 
-def answer_rows(record: SearchRecord) -> list[list[str]]:
-    """Header + one row per confirmed configuration (base first): mean ± std over seeds,
-    change against the base, Holm-adjusted p of the paired test."""
+def _answer_cells(record: SearchRecord) -> tuple[list[str], list[tuple[str, str, list[tuple[str, str]]]]]:
+    """Header, and per confirmed configuration (base first): its name, its seeds and per
+    column (mean ± std over seeds, change against the base and Holm-adjusted p of the
+    paired test; empty for the base)."""
     summary = _summary(record)
+    columns = [(c, how, test) for c, _, how, test in ANSWER_COLUMNS if f"{c} mean" in summary]
     header = ["configuration", "seeds"] + [h for c, h, *_ in ANSWER_COLUMNS if f"{c} mean" in summary]
-    rows = [header]
+    rows = []
     for configuration, s in summary.iterrows():
-        row = [str(configuration), str(int(s["seeds"]))]
-        for column, _, how, test in ANSWER_COLUMNS:
-            if f"{column} mean" not in summary:
-                continue
-            cell = f"{s[f'{column} mean']:.4f} ± {s[f'{column} std']:.4f}"
+        cells = []
+        for column, how, test in columns:
+            value = f"{s[f'{column} mean']:.4f} ± {s[f'{column} std']:.4f}"
+            notes = []
             if configuration != record.base:
-                notes = [change(s[f"{column} mean"], summary.loc[record.base, f"{column} mean"], how)]
+                notes.append(change(s[f"{column} mean"], summary.loc[record.base, f"{column} mean"], how))
                 tested = _test(record, configuration, test)
                 if tested is not None:
                     notes.append(_p(tested["p_holm"]))
-                cell += f" ({', '.join(notes)})"
-            row.append(cell)
-        rows.append(row)
-    return rows
+            cells.append((value, ", ".join(notes)))
+        rows.append((str(configuration), str(int(s["seeds"])), cells))
+    return header, rows
+
+
+def answer_rows(record: SearchRecord) -> list[list[str]]:
+    """Header + one row per confirmed configuration (base first): mean ± std over seeds,
+    in brackets the change against the base and the Holm-adjusted p of the paired test."""
+    header, rows = _answer_cells(record)
+    return [header] + [[name, seeds, *(f"{v} ({n})" if n else v for v, n in cells)]
+                       for name, seeds, cells in rows]
 
 
 def answer_table(record: SearchRecord) -> str:
-    """The answer table as aligned text for the terminal."""
-    rows = answer_rows(record)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """The answer table as aligned text for the terminal: a line of mean ± std per
+    configuration and, under it, its change against the base and p-values (so that the
+    table fits a 120-column terminal)."""
+    header, rows = _answer_cells(record)
+    lines = [header]
+    for name, seeds, cells in rows:
+        lines.append([name, seeds, *(v for v, _ in cells)])
+        if any(n for _, n in cells):
+            lines.append(["", "", *(n for _, n in cells)])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
 
 
 def verdicts(record: SearchRecord) -> list[str]:
@@ -425,7 +440,8 @@ def _markdown(rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _frame_markdown(table: pd.DataFrame) -> str:
+def frame_markdown(table: pd.DataFrame) -> str:
+    """A table as Markdown: floats to 4 significant digits, NaN as "–"."""
     return _markdown([list(table.columns)] + table.values.tolist())
 
 
@@ -452,7 +468,7 @@ def report_markdown(record: SearchRecord) -> str:
         f"{len(record.tests) if record.tests is not None else 0} comparisons of this report "
         f"(alpha {ALPHA}). Coverage@10 is a property of the whole ranking: no per-user test.",
         "## Confirmed configurations",
-        _frame_markdown(confirmed_trials[["trial", "stage", *record.params, *cols]]),
+        frame_markdown(confirmed_trials[["trial", "stage", *record.params, *cols]]),
         "## The search",
         "\n".join(f"- {k}: {v}" for k, v in record.facts.items()),
         _search_facts(record),
@@ -460,7 +476,7 @@ def report_markdown(record: SearchRecord) -> str:
         "\n\n".join(f"![{f.removesuffix('.png')}]({f})" for f in FIGURES),
     ]
     if record.tests is not None and len(record.tests):
-        parts[-2:-2] = ["## Paired tests against the base", _frame_markdown(record.tests)]
+        parts[-2:-2] = ["## Paired tests against the base", frame_markdown(record.tests)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -478,7 +494,7 @@ def _search_facts(record: SearchRecord) -> str:
                  f"{', '.join(f'{v:g}' for v in ref)} in objective units)")
     on_front = front(record)
     lines.append(f"\nPareto front of the search ({len(on_front)} of {len(_searched(record))} trials):\n")
-    lines.append(_frame_markdown(on_front[["trial", *record.params, *cols]]))
+    lines.append(frame_markdown(on_front[["trial", *record.params, *cols]]))
     return "\n".join(lines)
 
 

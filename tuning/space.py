@@ -6,8 +6,10 @@
                  metric=..., mode=space.search.mode)
 
 A file has six sections: `name`, `dataset`, `embedding`, `fixed` (settings every trial
-shares), `search` (objective, budget, scheduler, resources, where results go) and `params`
-(the searched settings). Any mistake is ONE ConfigError raised before Ray starts, naming the
+shares), `search` (objectives, budget, scheduler, resources, where results go) and `params`
+(the searched settings), and two optional ones: `references` (train the plain backbone and
+FAERec at the paper's defaults before the search; default true) and `confirm` (train the
+best configurations and the references again with new seeds after it). Any mistake is ONE ConfigError raised before Ray starts, naming the
 file and the YAML path: `search_spaces/x.yaml: params.tau.low: ...`.
 
 Three things go beyond "draw each param from its range":
@@ -52,6 +54,13 @@ SEARCH_METRICS = tuple(f"val/{group}/{metric}_{k}" for group in ("overall", "tai
                        for metric in ("hr", "ndcg") for k in (5, 10, 20))
 
 PARAM_KINDS = ("uniform", "loguniform", "int", "categorical", "grid", "fixed")
+SAMPLERS = ("tpe", "nsgaii")
+
+# The references every search is compared with (`references:`, `confirm:`): the backbone
+# alone, and FAERec at the paper's defaults (lambda, alpha, tau, w_min, w_max, T of sec. 5).
+PAPER_DEFAULTS = {"method": "faerec", "lambda": 0.005, "alpha": 0.2, "tau": 0.05,
+                  "w_min": 0.9, "w_max": 1.0, "period": 30}
+REFERENCES = {"base": {"method": "base"}, "paper-default": PAPER_DEFAULTS}
 
 # Settings the `search` section owns, so no number can be given twice.
 RUN_SETTINGS = {"epochs": "search.max_epochs", "eval_every": "search.eval_every",
@@ -71,7 +80,8 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 GAP_MIN = 1e-3  # w_gap's floor: keeps w_max strictly above w_min
-NON_SETTING_KEYS = ("w_gap", "ablation")
+NON_SETTING_KEYS = ("w_gap", "ablation", "configuration")  # configuration: a reference's or
+                                                          # confirmed trial's name
 
 _OVERRIDES = {"num_samples": ("search", "num_samples"), "max_epochs": ("search", "max_epochs"),
               "tracking_uri": ("search", "tracking_uri"),
@@ -99,9 +109,21 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A trial is feasible when its best `metric` >= at_least (x the reference `of`'s value)."""
+    metric: str                 # one of SEARCH_METRICS
+    at_least: float
+    of: str | None = None       # a REFERENCES name, or None: at_least is the value itself
+
+    def describe(self) -> str:
+        return f"{self.metric} >= {self.at_least:g}" + (f" x {self.of}'s" if self.of else "")
+
+
+@dataclass(frozen=True)
 class SearchSettings:
-    metric: str                 # validation metric optimised, one of SEARCH_METRICS
-    mode: str                   # "max" (every reported metric is higher-is-better)
+    objectives: tuple[tuple[str, str], ...]  # (validation metric, mode), one or more
+    sampler: str                # "tpe" | "nsgaii"
+    constraints: tuple[Constraint, ...]
     num_samples: int            # trials in total
     max_concurrent: int         # trials running at once
     seed: int                   # TPE sampler seed
@@ -117,6 +139,21 @@ class SearchSettings:
     checkpoint_every: int       # epochs
     eval_every: int             # epochs
 
+    @property
+    def metric(self) -> str:
+        """The first objective: also the metric whose best epoch a trial keeps (select_metric)."""
+        return self.objectives[0][0]
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0][1]
+
+
+@dataclass(frozen=True)
+class ConfirmSettings:
+    top: int                    # configurations of the search confirmed (the front, capped)
+    seeds: int                  # new seeds per configuration
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -128,6 +165,8 @@ class SearchSpace:
     params: tuple[ParamSpec, ...]
     source: str                        # the YAML file
     overrides: dict[str, Any]          # command-line values that replaced the file's
+    references: bool = True            # train REFERENCES before the search
+    confirm: ConfirmSettings | None = None  # None: no confirmation (and no report)
 
     @property
     def label(self) -> str:
@@ -151,6 +190,8 @@ class SpaceFile:
     fixed: dict | None = None
     search: dict | None = None         # read as SearchSection
     params: dict | None = None         # name -> one of the *Param classes below
+    references: bool = True            # REFERENCES trained before the search
+    confirm: Any = None                # read as ConfirmSection; false: no confirmation
 
     def __post_init__(self):
         check_fields(self)
@@ -162,8 +203,11 @@ class SpaceFile:
 class SearchSection:
     num_samples: int = rule(ge=1)
     max_epochs: int = rule(ge=1)
-    metric: str = "val/overall/ndcg_20"
+    metric: str | None = None          # one objective (default val/overall/ndcg_20)...
     mode: str = "max"
+    objectives: list | None = None     # ...or several: [{metric, mode}, ...], read as ObjectiveSection
+    sampler: str = rule("tpe", choices=SAMPLERS)
+    constraints: list | None = None    # [{metric, at_least, of}, ...], read as ConstraintSection
     max_concurrent: int = rule(1, ge=1)
     seed: int = 0
     scheduler: dict | None = None      # read as SchedulerSection
@@ -176,17 +220,66 @@ class SearchSection:
 
     def __post_init__(self):
         check_fields(self)
-        if self.metric not in SEARCH_METRICS:
-            raise Invalid("metric", f"{self.metric!r} is not a validation metric the trainable "
-                                    "reports; use val/{overall|tail|head}/{hr|ndcg}_{5|10|20}")
+        if self.metric is not None and self.objectives is not None:
+            raise Invalid("objectives", "give either search.metric or search.objectives, "
+                                        f"not both (metric is {self.metric!r})")
+        if self.metric is not None:
+            _check_metric("metric", self.metric)
+        if self.mode != "max":
+            raise Invalid("mode", f"must be max (every reported metric is higher-is-better), "
+                                  f"got {self.mode!r}")
+        for key in ("objectives", "constraints"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, list) or not value):
+                raise Invalid(key, f"expected a non-empty list of mappings, got {value!r}")
+
+
+def _check_metric(key: str, metric: Any) -> None:
+    if metric not in SEARCH_METRICS:
+        raise Invalid(key, f"{metric!r} is not a validation metric the trainable reports; "
+                           "use val/{overall|tail|head}/{hr|ndcg}_{5|10|20}")
+
+
+@dataclass(frozen=True)
+class ObjectiveSection:
+    metric: str
+    mode: str = "max"
+
+    def __post_init__(self):
+        check_fields(self)
+        _check_metric("metric", self.metric)
         if self.mode != "max":
             raise Invalid("mode", f"must be max (every reported metric is higher-is-better), "
                                   f"got {self.mode!r}")
 
 
 @dataclass(frozen=True)
+class ConstraintSection:
+    metric: str
+    at_least: float = rule(gt=0)
+    of: str | None = None              # a REFERENCES name
+
+    def __post_init__(self):
+        check_fields(self)
+        _check_metric("metric", self.metric)
+        if self.of is not None and self.of not in REFERENCES:
+            raise Invalid("of", f"must be one of {', '.join(REFERENCES)} (or left out: "
+                                f"at_least is then the value itself), got {self.of!r}")
+
+
+@dataclass(frozen=True)
+class ConfirmSection:
+    top: int = rule(3, ge=1)           # the search's front capped at top (one objective: the top)
+    seeds: int = rule(3, ge=1)         # new seeds per configuration
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
 class SchedulerSection:
-    type: str = rule("none", choices=("asha", "none"))
+    # asha: successive halving over the objectives (MO-ASHA, tuning.mo_asha); mo_asha: the same
+    type: str = rule("none", choices=("asha", "mo_asha", "none"))
     grace_period: int | None = rule(None, ge=1)  # required with asha
     reduction_factor: float = rule(3.0, gt=1)
 
@@ -340,28 +433,53 @@ def _parse_embedding(value: dict, source: str, base_dir: Path) -> EmbeddingConfi
     return from_mapping(EmbeddingConfig, {**value, **paths}, source, "embedding")
 
 
+def _parse_objectives(s: SearchSection, source: str) -> tuple[tuple[str, str], ...]:
+    if s.objectives is None:
+        return ((s.metric or "val/overall/ndcg_20", s.mode),)
+    objectives = []
+    for i, raw in enumerate(s.objectives):
+        o = from_mapping(ObjectiveSection, raw, source, f"search.objectives[{i}]")
+        if o.metric in dict(objectives):
+            raise ConfigError(f"{where(source, f'search.objectives[{i}].metric')}: {o.metric!r} "
+                              "is already an objective")
+        objectives.append((o.metric, o.mode))
+    return tuple(objectives)
+
+
 def _parse_search(raw: dict | None, source: str) -> SearchSettings:
     s = from_mapping(SearchSection, raw or {}, source, "search")
     scheduler = from_mapping(SchedulerSection, s.scheduler or {}, source, "search.scheduler")
     resources = from_mapping(ResourcesSection, s.resources or {}, source, "search.resources")
+    constraints = tuple(Constraint(c.metric, c.at_least, c.of) for c in (
+        from_mapping(ConstraintSection, raw_c, source, f"search.constraints[{i}]")
+        for i, raw_c in enumerate(s.constraints or [])))
+    kind = "asha" if scheduler.type == "mo_asha" else scheduler.type
     grace_period = scheduler.grace_period
     if grace_period is None:
-        if scheduler.type == "asha":
+        if kind == "asha":
             raise ConfigError(f"{where(source, 'search.scheduler.grace_period')}: missing (required)")
         grace_period = 1
     if grace_period > s.max_epochs:
         raise ConfigError(f"{where(source, 'search.scheduler.grace_period')}: {grace_period} epochs "
                           f"exceeds search.max_epochs ({s.max_epochs}): no trial could be stopped early")
-    if scheduler.type == "asha" and s.eval_every != 1:
+    if kind == "asha" and s.eval_every != 1:
         raise ConfigError(f"{where(source, 'search.eval_every')}: must be 1 with scheduler asha "
                           f"(asha compares trials every epoch), got {s.eval_every}")
     return SearchSettings(
-        metric=s.metric, mode=s.mode, num_samples=s.num_samples, max_concurrent=s.max_concurrent,
-        seed=s.seed, max_epochs=s.max_epochs, scheduler=scheduler.type, grace_period=grace_period,
+        objectives=_parse_objectives(s, source), sampler=s.sampler, constraints=constraints,
+        num_samples=s.num_samples, max_concurrent=s.max_concurrent,
+        seed=s.seed, max_epochs=s.max_epochs, scheduler=kind, grace_period=grace_period,
         reduction_factor=scheduler.reduction_factor, cpu=resources.cpu, gpu=resources.gpu,
         max_failures=s.max_failures, storage_path=_absolute_storage(s.storage_path),
         tracking_uri=_absolute_uri(s.tracking_uri), checkpoint_every=s.checkpoint_every,
         eval_every=s.eval_every)
+
+
+def _parse_confirm(raw: Any, source: str) -> ConfirmSettings | None:
+    if raw is False:
+        return None
+    c = from_mapping(ConfirmSection, {} if raw is None else raw, source, "confirm")
+    return ConfirmSettings(top=c.top, seeds=c.seeds)
 
 
 def _parse_param(name: Any, spec: Any, source: str) -> ParamSpec:
@@ -515,10 +633,15 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         fixed=dict(fixed),
         search=_parse_search(top.search, source),
         params=tuple(_parse_param(n, spec, source) for n, spec in (top.params or {}).items()),
-        source=str(path), overrides=given)
+        source=str(path), overrides=given, references=top.references,
+        confirm=_parse_confirm(top.confirm, source))
     for p in space.params:
         if p.name in space.fixed:
             raise ConfigError(f"{source}: params.{p.name}: also set in fixed.{p.name}; keep one")
+    for i, c in enumerate(space.search.constraints):
+        if c.of and not space.references:
+            raise ConfigError(f"{where(source, f'search.constraints[{i}].of')}: {c.of!r} needs "
+                              "the references, but the space sets references: false")
     _check_ablation(space)
     _check_curriculum_bounds(space)  # before the settings check, which would name one side only
     _check_first_validation(space, settings_from_dict(space.fixed, source, "fixed")[1].min_epochs)
@@ -557,11 +680,21 @@ def _w_max_above(w_min: float, w_gap: float, w_max: ParamSpec) -> float:
     return min(value, w_max.high)  # rounding must not step past the user's bound
 
 
+def shared_config(space: SearchSpace) -> dict[str, Any]:
+    """What every run of the space shares: the budget, the selection metric, fixed settings."""
+    s = space.search
+    return {"epochs": s.max_epochs, "eval_every": s.eval_every, "select_metric": s.metric,
+            "num_threads": max(1, int(s.cpu)), **space.fixed}
+
+
+def reference_config(space: SearchSpace, name: str) -> dict[str, Any]:
+    """A reference's full flat config: the shared settings with REFERENCES[name] on top."""
+    return {**shared_config(space), **REFERENCES[name], "configuration": name}
+
+
 def _trial_config(space: SearchSpace, drawn: Mapping[str, Any]) -> dict[str, Any]:
     """The full flat config of a trial from its drawn values (w_gap, ablation included)."""
-    s = space.search
-    config = {"epochs": s.max_epochs, "eval_every": s.eval_every, "select_metric": s.metric,
-              "num_threads": max(1, int(s.cpu)), **space.fixed, **drawn}
+    config = {**shared_config(space), **drawn}
     config.update(ABLATIONS.get(config.get("ablation"), {}))
     derived = _derived_w_max(space)
     if derived is not None:
@@ -600,10 +733,20 @@ def trial_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NON_SETTING_KEYS}
 
 
-def make_sampler(space: SearchSpace) -> optuna.samplers.TPESampler:
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """TPE (one or several objectives) or NSGA-II. Constraints reach either through the
+    trials (tuning.tuner.ConstrainedOptunaSearch)."""
+    s = space.search
+    if s.sampler == "nsgaii":
+        # Optuna's default population (50) would leave a search of a few dozen trials random
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=nsga_population(s))
     # constant_liar: running trials count as pending, so concurrent trials spread out.
-    return optuna.samplers.TPESampler(seed=space.search.seed, multivariate=True,
-                                      constant_liar=True)
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+
+
+def nsga_population(s: SearchSettings) -> int:
+    """About four generations in the search, between 4 and Optuna's default 50."""
+    return max(4, min(50, s.num_samples // 4))
 
 
 def _describe(space: SearchSpace, p: ParamSpec) -> str:
@@ -627,8 +770,10 @@ def plan(space: SearchSpace) -> str:
     s = space.search
     dataset = space.dataset.name or space.dataset.format
     if s.scheduler == "asha":
-        scheduler = (f"ASHA: every trial runs {s.grace_period} epochs, then about "
-                     f"1/{s.reduction_factor:g} go on at each rung")
+        scheduler = (f"{'MO-ASHA' if len(s.objectives) > 1 else 'ASHA'}: every trial runs "
+                     f"{s.grace_period} epochs, then about 1/{s.reduction_factor:g} go on at "
+                     "each rung" + (" (non-dominated sorting, then crowding distance)"
+                                    if len(s.objectives) > 1 else ""))
     else:
         scheduler = "none: every trial runs until max_epochs or early stopping"
     width = max((len(p.name) for p in space.params), default=0)
@@ -636,9 +781,14 @@ def plan(space: SearchSpace) -> str:
         f"Search {space.name!r} from {space.label}",
         f"  dataset:    {dataset} (format {space.dataset.format}); "
         f"item embeddings: {space.embedding.encoder}",
-        f"  objective:  {s.mode} {s.metric} (validation; test metrics never steer the search)",
+        f"  objectives: {', '.join(f'{mode} {m}' for m, mode in s.objectives)} (validation; "
+        "test metrics never steer the search)",
+        *([f"  constraints: {', '.join(c.describe() for c in s.constraints)}"]
+          if s.constraints else []),
         f"  trials:     {s.num_samples}, at most {s.max_concurrent} at once, up to "
-        f"{s.max_epochs} epochs each; Optuna TPE (multivariate, seed {s.seed})",
+        f"{s.max_epochs} epochs each; Optuna "
+        + (f"NSGA-II (population {nsga_population(s)}, seed {s.seed})" if s.sampler == "nsgaii"
+           else f"TPE (multivariate, seed {s.seed})"),
         f"  scheduler:  {scheduler}",
         f"  resources:  {s.cpu:g} CPU, {s.gpu:g} GPU per trial "
         f"({s.cpu * s.max_concurrent:g} CPU, {s.gpu * s.max_concurrent:g} GPU at full concurrency)",
@@ -647,6 +797,11 @@ def plan(space: SearchSpace) -> str:
         "  fixed:      " + (", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "(none)"),
         "  params:" + ("" if space.params else "     (none)"),
         *(f"    {p.name:<{width}}  {_describe(space, p)}" for p in space.params),
+        "  references: " + ("base and paper-default (FAERec at the paper's defaults), same "
+                            "budget, before the search" if space.references else "none"),
+        "  confirm:    " + (f"the search's front (at most {space.confirm.top}) and the "
+                            f"references, {space.confirm.seeds} new seeds each, full budget; "
+                            "then the report" if space.confirm else "none (no report)"),
         f"  results:    {mask_url(s.storage_path)}/{space.name} (Ray Tune)",
         f"  MLflow:     {mask_url(s.tracking_uri)} (experiment {space.name!r})",
     ]

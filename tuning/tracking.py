@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "tracking.json"
 PARENT_FILES = ("search_space.yaml", "dataset_stats.json", "summary.csv", "summary.md")
+REPORT_FOLDER = "report"  # the search's report (tuning.report): artifacts report/... of the parent
+RUN_TAGS = ("backbone", "method", "configuration", "seed")  # config values shown as run tags
 EPOCH_PREFIXES = ("train/", "val/", "time/")  # logged every epoch; test/ once, at the end
 STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "failed": "FAILED",
           "interrupted": "KILLED", "lost": "KILLED"}
@@ -211,9 +213,11 @@ class Replica:
         reason of an ERROR) and the test metrics of its last report, at its last epoch."""
         run = self._runs.get(trial_id)
         if run is None:
+            # a reference's or confirmation's run is named by what it trains: base, seed 43
+            name = " seed ".join(str(config[k]) for k in ("configuration", "seed") if k in config)
             run = self._runs[trial_id] = self.client.create_run(
-                self.experiment_id, run_name=trial_id, tags={
-                    **run_tags({k: config[k] for k in ("backbone", "method") if k in config}),
+                self.experiment_id, run_name=name if "configuration" in config else trial_id, tags={
+                    **run_tags({k: config[k] for k in RUN_TAGS if k in config}),
                     "trial_id": trial_id, "stage": self.stage, "faerec.role": "trial",
                     "mlflow.parentRunId": self.parent_id})
         elif status is None and run.info.status != "RUNNING":
@@ -246,9 +250,14 @@ class Replica:
     def end_search(self, folder: Path, result: str, best: dict) -> None:
         """The parent's files (uploaded again only when changed), best metrics, outcome."""
         held = {f.path: f.file_size for f in self.client.list_artifacts(self.parent_id)}
-        for path in (folder / name for name in PARENT_FILES):
-            if path.is_file() and held.get(path.name) != path.stat().st_size:
-                self.client.log_artifact(self.parent_id, str(path))
+        held.update({f.path: f.file_size
+                     for f in self.client.list_artifacts(self.parent_id, REPORT_FOLDER)})
+        report = sorted((folder / REPORT_FOLDER).glob("*")) if (folder / REPORT_FOLDER).is_dir() else []
+        for path in [*(folder / name for name in PARENT_FILES), *report]:
+            artifact = path.name if path.parent == folder else f"{REPORT_FOLDER}/{path.name}"
+            if path.is_file() and held.get(artifact) != path.stat().st_size:
+                self.client.log_artifact(self.parent_id, str(path),
+                                         None if path.parent == folder else REPORT_FOLDER)
         self._log_metrics(self.parent_id, [(k, v, 0, int(time.time() * 1000))
                                            for k, v in numeric_metrics(best).items()])
         run, status = self.client.get_run(self.parent_id), STATUS.get(result, "KILLED")
@@ -287,6 +296,15 @@ def sync(folder, tracking_uri: str | None = None, starting: bool = False,
             replica.end_search(folder, "interrupted" if result == "running" else result,
                                settings.get("best", {}))
     return replica
+
+
+def sync_search(folder, tracking_uri: str | None = None, starting: bool = False,
+                wait_s: float = 60.0) -> Replica:
+    """`sync` of a search's stage folders (references/, confirm/: each with its
+    tracking.json), then of the search's own folder, which ends the parent run."""
+    for stage in sorted(p for p in Path(folder).iterdir() if (p / SETTINGS_FILE).is_file()):
+        sync(stage, tracking_uri, wait_s=wait_s)
+    return sync(folder, tracking_uri, starting=starting, wait_s=wait_s)
 
 
 # ---------------------------------------------------------------- live: the Tune callback
@@ -356,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (Path(args.folder) / SETTINGS_FILE).is_file():
         parser.error(f"{args.folder}: no {SETTINGS_FILE}, not a folder of run_search.py")
-    replica = sync(args.folder, args.tracking_uri)
+    replica = sync_search(args.folder, args.tracking_uri)
     print(f"{args.folder} synced to {mask_url(replica.client.tracking_uri)}, "
           f"run {replica.parent_id}")
     return 0

@@ -23,6 +23,7 @@ from model.train import EpochRecord, Inputs, fit, settings_from_dict
 from tuning.space import trial_settings
 
 STATE_FILE = "state.pt"
+RANKS_FILE = "test_ranks.npz"  # per-user test ranks of the best state (confirmation runs)
 
 
 def best_key(metric: str) -> str:
@@ -47,8 +48,11 @@ def _assigned_device() -> str:
 
 
 def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
-                cache_dir: str | None = None) -> None:
-    """Function trainable: `config` holds the trial's full flat settings (tuning.space)."""
+                cache_dir: str | None = None, save_ranks: bool = False) -> None:
+    """Function trainable: `config` holds the trial's full flat settings (tuning.space).
+    `save_ranks`: after training, one more report whose checkpoint holds RANKS_FILE, the
+    test rank of every user at the best state (the paired tests of the confirmation read
+    it; a checkpoint reaches the driver from any node, a file in the trial folder may not)."""
     # Ray logs one line per checkpoint at INFO; with a checkpoint per epoch that buries
     # the progress table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -62,6 +66,8 @@ def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
             # tensors and plain values only: a crafted checkpoint cannot run code
             resume = torch.load(Path(folder) / STATE_FILE, weights_only=True)
 
+    last = {}
+
     def report(record: EpochRecord, snapshot) -> None:
         if not record.best_val:  # before the first validation (min_epochs): Tune refuses a
             return               # result without the search metric, so there is none to send
@@ -71,6 +77,7 @@ def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
                    "node_id": ray.get_runtime_context().get_node_id()}
         metrics.update({best_key(k): v for k, v in record.best_val.items()})
         metrics.update(record.best_test)
+        last.update(metrics)
         if record.improved or record.final or record.epoch % checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(snapshot(), Path(folder) / STATE_FILE)
@@ -78,5 +85,10 @@ def train_trial(config: dict, inputs: Inputs, checkpoint_every: int,
         else:
             tune.report(metrics)
 
-    fit(inputs, model_cfg, train_cfg, on_epoch=report, resume=resume,
-        test_on_improvement=True, cache_dir=cache_dir)
+    result = fit(inputs, model_cfg, train_cfg, on_epoch=report, resume=resume,
+                 test_on_improvement=True, cache_dir=cache_dir)
+    ranks = getattr(result, "test_ranks", None)  # model.metrics.UserRanks (issue 8, model side)
+    if save_ranks and ranks is not None and last:
+        with tempfile.TemporaryDirectory() as folder:
+            ranks.save(Path(folder) / RANKS_FILE)
+            tune.report(last, checkpoint=tune.Checkpoint.from_directory(folder))
