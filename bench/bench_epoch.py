@@ -3,7 +3,7 @@ FAERec-SASRec against plain SASRec, measured in one run; optionally the same aga
 another copy of the code (before/after a change), alternating rounds.
 
     .venv/bin/python bench/bench_epoch.py [--dataset beauty|yelp|YAML] [--max-batches 8]
-        [--eval-users 4096] [--threads 1] [--autocast] [--json]
+        [--eval-users 4096] [--threads 1] [--autocast] [--device cpu|cuda] [--json]
     git worktree add /tmp/before 8e7f091
     .venv/bin/python bench/bench_epoch.py --dataset yelp --compare-with /tmp/before --rounds 3
 
@@ -54,6 +54,7 @@ def measure(method: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     data = load_dataset(resolve_dataset(args.dataset))
     cfg = FAERecConfig(method=method, backbone="sasrec", hidden_size=128, max_len=50)
     llm = pca = None
@@ -61,8 +62,13 @@ def measure(method: str, args) -> dict:
         emb = item_embeddings(data, EmbeddingConfig(encoder="random", dim=1536, seed=0))
         llm = torch.tensor(emb)
         pca = torch.as_tensor(pca_embeddings(emb, 128))
-    model = build_model(cfg, data.n_items, llm, pca, torch.tensor(data.train_popularity))
-    batches = train.TrainBatches(data, cfg.max_len, np.random.default_rng(0))
+    model = build_model(cfg, data.n_items, llm, pca, torch.tensor(data.train_popularity)).to(device)
+    on_device = {"device": device} if device.type != "cpu" else {}  # the GPU path: batches drawn there
+    batches = train.TrainBatches(data, cfg.max_len, np.random.default_rng(0), **on_device)
+
+    def sync():  # a GPU's queue done, so that wall time is its time
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     if hasattr(train, "train_step"):  # this tree's training step
         optimizer = train.make_optimizer(model, train.TrainConfig())
 
@@ -83,13 +89,20 @@ def measure(method: str, args) -> dict:
 
     model.train()
     epoch = batches.epoch(256)
-    step([torch.as_tensor(a) for a in next(epoch)])  # warm-up: first-call allocations
+    step([torch.as_tensor(a, device=device) for a in next(epoch)])  # warm-up: first-call allocations
+    if args.ready_dir:  # several trials on one GPU: start timing together (bench/gpu_check.sh)
+        sync()
+        (args.ready_dir / f"{os.getpid()}.ready").touch()
+        while not (args.ready_dir / "go").exists():
+            time.sleep(0.05)
+    sync()
     steps, tic, cpu = 0, time.perf_counter(), cpu_seconds()
     for arrays in epoch:
-        step([torch.as_tensor(a) for a in arrays])
+        step([torch.as_tensor(a, device=device) for a in arrays])
         steps += 1
         if steps >= args.max_batches:
             break
+    sync()
     step_s, step_cpu_s = (time.perf_counter() - tic) / steps, (cpu_seconds() - cpu) / steps
 
     split = train.EvalSplit.build(data, "test", cfg.max_len)
@@ -101,11 +114,11 @@ def measure(method: str, args) -> dict:
         return train.EvalSplit(split.inputs[:users], split.targets[:users], split.seen_rows[keep],
                                split.seen_items[keep], *users_field)
 
-    train.evaluate(model, first(1), data, "test", 512, torch.device("cpu"))  # warm-up: first-call allocations
+    train.evaluate(model, first(1), data, "test", 512, device)  # warm-up: first-call allocations
     for users in sorted({1, min(args.eval_users or n_users, n_users)}):
         part = first(users)
         tic, cpu = time.perf_counter(), cpu_seconds()
-        train.evaluate(model, part, data, "test", 512, torch.device("cpu"))
+        train.evaluate(model, part, data, "test", 512, device)  # ends reading the metrics: synced
         timed[users] = time.perf_counter() - tic, cpu_seconds() - cpu
     most = max(timed)
     # one user's time is the fixed cost (FAERec embeds the item table); the rest scales with users
@@ -113,7 +126,8 @@ def measure(method: str, args) -> dict:
                           for fixed, total in zip(timed[1], timed[most]))
     return {"steps_timed": steps, "epoch_s": step_s * math.ceil(len(batches) / 256),
             "step_s": step_s, "step_cpu_s": step_cpu_s, "eval_s": eval_s, "eval_cpu_s": eval_cpu_s,
-            "eval_users_timed": most, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "eval_users_timed": most, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {})}
 
 
 def run_one(method: str, args, tree: Path | None) -> dict:
@@ -122,7 +136,7 @@ def run_one(method: str, args, tree: Path | None) -> dict:
            "FAEREC_CACHE": os.environ.get("FAEREC_CACHE") or str((ROOT / ".cache").resolve())}
     command = [sys.executable, __file__, "--one", method, "--dataset", args.dataset,
                "--max-batches", str(args.max_batches), "--eval-users", str(args.eval_users),
-               "--threads", str(args.threads)] + (["--autocast"] if args.autocast else [])
+               "--threads", str(args.threads), "--device", args.device] + (["--autocast"] if args.autocast else [])
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -138,6 +152,8 @@ def main() -> int:
     p.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0 = all), scaled to all")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--autocast", action="store_true", help="bf16 autocast of the training step")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (this tree only: the GPU path)")
+    p.add_argument("--ready-dir", type=Path, help=argparse.SUPPRESS)  # with --one: wait for <dir>/go
     p.add_argument("--compare-with", type=Path, metavar="TREE",
                    help="another checkout of the project: measure it too, alternating rounds")
     p.add_argument("--rounds", type=int, default=1)

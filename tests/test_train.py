@@ -352,6 +352,24 @@ def test_bf16_autocast_step_stays_close_to_float32(tiny_inputs):
     assert parts[True]["rec"].item() != parts[False]["rec"].item()  # bf16 really ran
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")
+def test_gpu_base_step_never_waits_for_the_host(tiny_inputs):
+    """The GPU path: batches drawn on the device, SASRec on the whole padded batch, loss parts
+    kept there: a plain SASRec step syncs nothing (FAERec's distinct items still do, once)."""
+    data, device = tiny_inputs.data, torch.device("cuda")
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "method": "base"}, "test")
+    model = build_model(model_cfg, data.n_items).to(device)
+    optimizer = make_optimizer(model, train_cfg)
+    batches = TrainBatches(data, 12, np.random.default_rng(0), device=device).epoch(16)
+    train_step(model, optimizer, next(batches), 0)  # first call: lazy CUDA initialisation
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            train_step(model, optimizer, next(batches), 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_every_epoch_is_reported_and_patience_spans_min_steps(tiny_inputs):
     seen = []
     # lr ~ 0: validation never improves after epoch 1. Patience 1 alone would stop at
