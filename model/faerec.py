@@ -245,10 +245,11 @@ class FAERec(SequentialRecommender):
     def fuse(self, e_id, e_llm):
         return self.fusion(e_id, e_llm) if self.fusion is not None else (e_id + e_llm) / 2
 
-    def item_embeddings(self, ids):
-        """(K,) ids -> e_id, e_llm (eq. 2), fused f (eqs. 3-4), each (K, d)."""
-        e_id = self.id_embedding(ids)
-        e_llm = self.projection(self.llm_embedding[ids])
+    def item_embeddings(self, ids=None):
+        """(K,) ids -> e_id, e_llm (eq. 2), fused f (eqs. 3-4), each (K, d); None: every item
+        (the tables themselves, without gathering a copy of the LLM table)."""
+        e_id = self.id_embedding.weight if ids is None else self.id_embedding(ids)
+        e_llm = self.projection(self.llm_embedding if ids is None else self.llm_embedding[ids])
         return e_id, e_llm, self.fuse(e_id, e_llm)
 
     def code_input_sequence(self, input_ids, e_id, e_llm):
@@ -279,7 +280,7 @@ class FAERec(SequentialRecommender):
         learned gain and bias) on 2 ((1 - w) e_id + w proj(e_llm)), which at w = 0.5 is the
         code's LayerNorm(e_id + proj(e_llm)) exactly (the factor 2 matters through the eps).
         """
-        e_id, e_llm, f = self.item_embeddings(torch.arange(len(self.llm_embedding), device=self.llm_embedding.device))
+        e_id, e_llm, f = self.item_embeddings()
         w = self.cfg.score_llm_weight
         items = (1 - w) * e_id + w * e_llm  # (n + 1, d)
         if self.cfg.score_layernorm:
