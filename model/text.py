@@ -238,7 +238,7 @@ def pca_embeddings(emb: np.ndarray, d: int, cache_dir: str | Path | None = None)
     k = min(d, n_items, d_llm) components, zero-padded to d columns. The exact solver keeps
     the result deterministic (sklearn's default switches to randomized SVD on large inputs)."""
     folder = cache_root(cache_dir) / "embeddings"
-    digest = hashlib.sha256(np.ascontiguousarray(emb).tobytes())
+    digest = hashlib.sha256(np.ascontiguousarray(emb).data)  # the buffer: no copy of the table per trial
     digest.update(f"{emb.shape}|{emb.dtype}|{d}".encode())
     path = folder / f"pca-{digest.hexdigest()[:32]}.npy"
     if path.exists():
