@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -34,9 +36,11 @@ def main() -> int:
         space = load_space(args.space, {"num_samples": args.num_samples, "name": "overhead",
                                         "storage_path": f"{tmp}/results",
                                         "tracking_uri": f"sqlite:///{tmp}/mlflow.db"})
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         outcome = run(space)
         wall = time.perf_counter() - tic
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        driver_cpu = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
         epoch_s, trial_s, epochs = 0.0, 0.0, 0
         for result_file in Path(outcome.experiment_path).glob("*/result.json"):
             rows = [json.loads(line) for line in result_file.read_text().splitlines()]
@@ -53,6 +57,8 @@ def main() -> int:
     print(f"| overhead per trial, inside the trial (setup, checkpoints) | {(trial_s - epoch_s) / n:.2f} |")
     print(f"| overhead per trial, whole search ((slot-seconds - epochs) / trials) | "
           f"{(wall * slots - epoch_s) / n:.2f} |")
+    print(f"| driver CPU seconds per trial (Tune's loop, Optuna, MLflow logging) | {driver_cpu / n:.2f} |")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (wall figures stretch with it; CPU seconds less)")
     return 0
 
 

@@ -118,12 +118,25 @@ def attention_windows(lengths, rows_per_window):
             break
         cols = torch.arange(width, device=lengths.device)
         real = cols >= width - lengths[first:first + rows_per_window, None]  # (rows, width)
-        causal = cols[:, None] >= cols  # (width, width)
-        # Real keys only; a padded query attends to itself so that no row is fully masked (NaN).
-        allowed = causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=lengths.device))
-        windows.append(AttentionWindow(start, stop, real.reshape(-1).nonzero().squeeze(1), ~allowed[:, None]))
+        windows.append(AttentionWindow(start, stop, real.reshape(-1).nonzero().squeeze(1), blocked_keys(real)))
         start = stop
     return windows
+
+
+def blocked_keys(real):
+    """(rows, 1, width, width) True where a query may not look: later keys, padded keys
+    (real (rows, width)); a padded query attends to itself so that no row is fully masked (NaN)."""
+    width = real.size(1)
+    cols = torch.arange(width, device=real.device)
+    allowed = (cols[:, None] >= cols) & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=real.device))
+    return ~allowed[:, None]
+
+
+def whole_batch_window(mask):
+    """Every row of a (B, L) batch in one window, padding included: no shape depends on the
+    data, so a GPU never waits for the host (packing needs the lengths on the host)."""
+    B, L = mask.shape
+    return AttentionWindow(0, B * L, torch.arange(B * L, device=mask.device), blocked_keys(mask))
 
 
 class CausalSelfAttention(nn.Module):
@@ -195,6 +208,7 @@ class SASRec(nn.Module):
     """
 
     rows_per_window = 32  # fewer: tighter windows, more small operations
+    packed = None  # None: packed on CPUs; on GPUs the whole padded batch (no host sync per step)
 
     def __init__(self, hidden_size, num_layers, num_heads, dropout, max_len):
         super().__init__()
@@ -206,6 +220,8 @@ class SASRec(nn.Module):
         B, L, d = x.shape
         if L > self.input.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len {self.input.max_len}")
+        if not (x.device.type == "cpu" if self.packed is None else self.packed):
+            return self.forward_whole_batch(x, mask, last_only)
         lengths = mask.sum(1)  # (B,)
         order = lengths.argsort(descending=True, stable=True)  # rows, longest first
         real = (order[:, None] * L + torch.arange(L, device=x.device))[mask[order]]  # (N,) flat indices, rows in that order
@@ -219,6 +235,19 @@ class SASRec(nn.Module):
         if last_only:  # the last layer ran only at each non-empty row's last position
             return h.new_zeros(B, d).index_copy_(0, order[:len(h)], h)  # (B, d)
         return h.new_zeros(B * L, d).index_copy_(0, real, h).view(B, L, d)  # zeros at padding
+
+    def forward_whole_batch(self, x, mask, last_only):
+        """The same layers on every position, padding too (its outputs are zeroed at the end)."""
+        B, L, d = x.shape
+        h = self.input.embed(x.reshape(B * L, d), torch.arange(L - 1, -1, -1, device=x.device).repeat(B))
+        windows = [whole_batch_window(mask)]
+        ends = torch.arange(L - 1, B * L, L, device=x.device) if last_only else None  # last column
+        for i, block in enumerate(self.blocks):
+            h = block(h, windows, ends if i == len(self.blocks) - 1 else None)
+        h = self.norm(h)
+        if last_only:
+            return h * mask[:, -1:]  # (B, d); an all-padding row gives zeros
+        return h.view(B, L, d) * mask.unsqueeze(-1)
 
 
 # ------------------------------------------------------------------------- FMLP-Rec

@@ -59,15 +59,22 @@ def item_alignment_loss(e_id, e_llm, tau, item_ids=None):
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
-def standardize(e, eps=1e-6):
-    """Eq. (7): per dimension over the group, biased std, so that C in eq. (8) is a true
-    correlation (C_ii = 1 for identical views); eps keeps constant dimensions at 0, not NaN."""
-    return (e - e.mean(0)) / torch.sqrt(e.var(0, unbiased=False) + eps)
+def standardize(e, members, eps=1e-6):
+    """Eq. (7) over a group's rows (`members` (S,) bool), per dimension, biased std, so that C
+    in eq. (8) is a true correlation (C_ii = 1 for identical views); eps keeps constant
+    dimensions at 0, not NaN. Rows outside the group come out 0: weighting instead of
+    indexing keeps the group's size on the device (no host sync on a GPU)."""
+    m = members[:, None].to(e.dtype)
+    n = m.sum().clamp(min=1)
+    centered = (e - (e * m).sum(0) / n) * m
+    return centered / torch.sqrt(centered.pow(2).sum(0) / n + eps)
 
 
-def barlow_twins_loss(e_id, e_llm, lambda_):
-    """Eqs. (7-9) for one group of S items: e_id, e_llm (S, d)."""
-    c = standardize(e_id).T @ standardize(e_llm) / len(e_id)  # (d, d) eq. (8)
+def barlow_twins_loss(e_id, e_llm, lambda_, members=None):
+    """Eqs. (7-9) for one group of items: the rows `members` (S,) bool of e_id, e_llm (S, d), default all."""
+    if members is None:
+        members = torch.ones(len(e_id), dtype=torch.bool, device=e_id.device)
+    c = standardize(e_id, members).T @ standardize(e_llm, members) / members.sum().clamp(min=1)  # (d, d) eq. (8)
     on_diag = c.diagonal()
     return (1 - on_diag).pow(2).sum() + lambda_ * (c.pow(2).sum() - on_diag.pow(2).sum())  # eq. (9)
 
@@ -88,8 +95,7 @@ def feature_alignment_loss(e_id, e_llm, lambda_, popularity, grouped=True):
         groups = [torch.ones_like(popularity, dtype=torch.bool)]
     loss = e_id.new_zeros(())
     for members in groups:
-        if int(members.sum()) >= 2:
-            loss = loss + barlow_twins_loss(e_id[members], e_llm[members], lambda_)  # eq. (10)
+        loss = loss + torch.where(members.sum() >= 2, barlow_twins_loss(e_id, e_llm, lambda_, members), 0)  # eq. (10)
     return loss
 
 
@@ -239,10 +245,11 @@ class FAERec(SequentialRecommender):
     def fuse(self, e_id, e_llm):
         return self.fusion(e_id, e_llm) if self.fusion is not None else (e_id + e_llm) / 2
 
-    def item_embeddings(self, ids):
-        """(K,) ids -> e_id, e_llm (eq. 2), fused f (eqs. 3-4), each (K, d)."""
-        e_id = self.id_embedding(ids)
-        e_llm = self.projection(self.llm_embedding[ids])
+    def item_embeddings(self, ids=None):
+        """(K,) ids -> e_id, e_llm (eq. 2), fused f (eqs. 3-4), each (K, d); None: every item
+        (the tables themselves, without gathering a copy of the LLM table)."""
+        e_id = self.id_embedding.weight if ids is None else self.id_embedding(ids)
+        e_llm = self.projection(self.llm_embedding if ids is None else self.llm_embedding[ids])
         return e_id, e_llm, self.fuse(e_id, e_llm)
 
     def code_input_sequence(self, input_ids, e_id, e_llm):
@@ -273,7 +280,7 @@ class FAERec(SequentialRecommender):
         learned gain and bias) on 2 ((1 - w) e_id + w proj(e_llm)), which at w = 0.5 is the
         code's LayerNorm(e_id + proj(e_llm)) exactly (the factor 2 matters through the eps).
         """
-        e_id, e_llm, f = self.item_embeddings(torch.arange(len(self.llm_embedding), device=self.llm_embedding.device))
+        e_id, e_llm, f = self.item_embeddings()
         w = self.cfg.score_llm_weight
         items = (1 - w) * e_id + w * e_llm  # (n + 1, d)
         if self.cfg.score_layernorm:

@@ -237,14 +237,14 @@ def pca_embeddings(emb: np.ndarray, d: int, cache_dir: str | Path | None = None)
 
     k = min(d, n_items, d_llm) components, zero-padded to d columns. The exact solver keeps
     the result deterministic (sklearn's default switches to randomized SVD on large inputs)."""
-    from sklearn.decomposition import PCA
-
     folder = cache_root(cache_dir) / "embeddings"
-    digest = hashlib.sha256(np.ascontiguousarray(emb).tobytes())
+    digest = hashlib.sha256(np.ascontiguousarray(emb).data)  # the buffer: no copy of the table per trial
     digest.update(f"{emb.shape}|{emb.dtype}|{d}".encode())
     path = folder / f"pca-{digest.hexdigest()[:32]}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
+    from sklearn.decomposition import PCA  # after the cache: its import takes a trial ~1 CPU s
+
     k = min(d, emb.shape[0], emb.shape[1])
     out = np.zeros((emb.shape[0], d), dtype=np.float32)
     out[:, :k] = PCA(n_components=k, svd_solver="full").fit_transform(emb)

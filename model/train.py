@@ -61,10 +61,14 @@ class TrainBatches:
     their one pair (items[0] -> items[1], the code's datasets.py 83-89), "drop" leaves them out.
     batch_all_users keeps a row for every other user too, all padding (1 or 3 items: nothing
     to train), as the code's DataLoader does: fewer real users per batch, more batches.
+
+    On a GPU (`device`), the arrays stay on the device and negatives are drawn there,
+    directly from each user's unseen items (no rejection loop, no host sync per step).
     """
 
     def __init__(self, data: SequenceData, max_len: int, rng: np.random.Generator,
-                 two_item_users: str = "drop", batch_all_users: bool = False):
+                 two_item_users: str = "drop", batch_all_users: bool = False,
+                 device: torch.device | None = None):
         def trained(seq):  # what the user trains on: seq[:-2], or a 2-item user's pair
             return seq[:-2] if len(seq) >= 4 else seq if len(seq) == 2 and two_item_users == "pair" else None
 
@@ -80,6 +84,13 @@ class TrainBatches:
         stride = data.n_items + 1
         self.seen_keys = np.unique(np.concatenate(
             [i * stride + np.asarray(data.sequences[u]) for i, u in enumerate(users)]))
+        self.device = device
+        if device is not None:
+            self.on_device = {"inputs": torch.as_tensor(self.inputs, device=device),
+                              "targets": torch.as_tensor(self.targets, device=device),
+                              **unseen_tables(self.seen_keys, len(users), data.n_items, device)}
+            self.has_target = self.targets.any(1)  # host copy: empty batches skipped without a sync
+            self.generator = torch.Generator(device)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -97,7 +108,19 @@ class TrainBatches:
             neg[todo] = self.rng.integers(1, self.n_items + 1, size=int(todo.sum()))
         return neg
 
+    def sample_negatives_on_device(self, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Uniform over each row's unseen items: the r-th unseen item of user i is
+        r + 1 + #{j : s_j - j <= r + 1} for i's sorted seen items s_0 < s_1 < ... (1-based)."""
+        t = self.on_device
+        r = (torch.rand(shape, dtype=torch.float64, device=rows.device, generator=self.generator)
+             * t["unseen"][rows, None]).long()  # (B, L) in [0, unseen)
+        keys = rows[:, None] * (self.n_items + 1) + r + 1
+        return r + 1 + torch.searchsorted(t["shifted"], keys, right=True) - t["starts"][rows, None]
+
     def epoch(self, batch_size: int):
+        if self.device is not None:
+            yield from self.epoch_on_device(batch_size)
+            return
         order = self.rng.permutation(len(self))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -106,6 +129,32 @@ class TrainBatches:
                 continue
             negatives = self.sample_negatives(rows, targets.shape) * (targets > 0)
             yield inputs, targets, negatives
+
+    def epoch_on_device(self, batch_size: int):
+        order = self.rng.permutation(len(self))
+        self.generator.manual_seed(int(self.rng.integers(2**63)))  # from rng: a resumed run draws the same
+        on_device = torch.as_tensor(order, device=self.device)  # one copy per epoch
+        for start in range(0, len(order), batch_size):
+            if not self.has_target[order[start:start + batch_size]].any():
+                continue
+            rows = on_device[start:start + batch_size]
+            inputs, targets = self.on_device["inputs"][rows], self.on_device["targets"][rows]
+            negatives = self.sample_negatives_on_device(rows, tuple(targets.shape)) * (targets > 0)
+            yield inputs, targets, negatives
+
+
+def unseen_tables(seen_keys: np.ndarray, n_rows: int, n_items: int, device) -> dict[str, torch.Tensor]:
+    """From sorted keys row * (n_items + 1) + item: per row, how many items it has not seen
+    and where its seen items start, and the keys row * (n_items + 1) + s_j - j (j-th seen
+    item s_j of the row) that map a rank among unseen items to the item."""
+    stride = n_items + 1
+    row = seen_keys // stride
+    starts = np.searchsorted(row, np.arange(n_rows))
+    counts = np.bincount(row, minlength=n_rows)
+    shifted = seen_keys - (np.arange(len(seen_keys)) - starts[row])  # still sorted: s_j - j never decreases
+    return {"unseen": torch.as_tensor(np.maximum(n_items - counts, 1), device=device),  # 1: a user who saw all
+            "starts": torch.as_tensor(starts, device=device),
+            "shifted": torch.as_tensor(shifted, device=device)}
 
 
 @dataclass
@@ -285,7 +334,7 @@ def fit(inputs: Inputs, model_cfg: FAERecConfig, train_cfg: TrainConfig,
     model = build(inputs, model_cfg, device, cache_dir)
     optimizer = make_optimizer(model, train_cfg)
     batches = TrainBatches(data, model_cfg.max_len, rng, train_cfg.two_item_users,
-                           train_cfg.batch_all_users)
+                           train_cfg.batch_all_users, device if device.type != "cpu" else None)
     val_split = EvalSplit.build(data, "val", model_cfg.max_len)
     test_split = EvalSplit.build(data, "test", model_cfg.max_len)
     patience = patience_in_validations(train_cfg, math.ceil(len(batches) / train_cfg.batch_size))

@@ -249,3 +249,16 @@ def test_backbone_settings_reach_the_backbone():
     assert model.backbone.blocks[0].attn.theta_k.shape == (8, 3)
     with pytest.raises(Invalid, match="num_heads"):
         FAERecConfig(backbone="lightsans", hidden_size=8, num_heads=3)
+
+
+def test_sasrec_whole_batch_path_equals_the_packed_one():
+    """The GPU layout (every position, one window, no host sync) computes what packing does:
+    same outputs at real positions, zeros at padding, whatever the padding holds."""
+    model = make("sasrec")
+    x = torch.randn(7, MAX_LEN, D, generator=torch.Generator().manual_seed(5))
+    mask = torch.arange(MAX_LEN) >= MAX_LEN - torch.tensor([8, 1, 5, 0, 3, 8, 2])[:, None]  # incl. an empty row
+    packed, packed_last = model(x, mask), model(x, mask, last_only=True)
+    model.packed = False
+    noisy = x.masked_fill(~mask.unsqueeze(-1), 100.0)
+    torch.testing.assert_close(model(noisy, mask), packed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(noisy, mask, last_only=True), packed_last, atol=1e-5, rtol=1e-5)

@@ -130,6 +130,9 @@ def test_feature_alignment_loss_degenerate_groups_stay_finite():
     assert same.item() == pytest.approx(barlow_twins_numpy(e_id.numpy(), e_llm.numpy(), 0.01), rel=1e-6)
     single = feature_alignment_loss(e_id, e_llm, 0.01, torch.tensor([1, 1, 1, 1, 9]))  # high group of one: skipped
     assert single.item() == pytest.approx(barlow_twins_numpy(e_id[:4].numpy(), e_llm[:4].numpy(), 0.01), rel=1e-6)
+    e_id.requires_grad_()
+    feature_alignment_loss(e_id, e_llm, 0.01, torch.tensor([1, 1, 1, 1, 9])).backward()  # the skipped group
+    assert torch.isfinite(e_id.grad).all() and e_id.grad[4].abs().sum() == 0  # gives no gradient, not NaN
     constant = feature_alignment_loss(torch.ones(4, 3, dtype=torch.float64), e_llm[:4], 0.01, torch.ones(4), grouped=False)
     assert constant.item() == pytest.approx(3.0)  # z_id = 0 -> C = 0: the invariance term is d
 

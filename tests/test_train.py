@@ -59,6 +59,37 @@ def test_negatives_never_hit_any_item_of_the_user(tiny_inputs):
             assert not set(row_neg[row_neg > 0]) & set(data.sequences[u].tolist())
 
 
+def test_device_batches_equal_the_host_ones_and_draw_unseen_negatives(tiny_inputs):
+    # The GPU path run on the CPU: same rows in the same order as the host path (one rng),
+    # negatives drawn on the device, never an item of the user, zero where the target is padding.
+    data = tiny_inputs.data
+    host = TrainBatches(data, max_len=12, rng=np.random.default_rng(3))
+    device = TrainBatches(data, max_len=12, rng=np.random.default_rng(3), device=torch.device("cpu"))
+    seen = set(host.seen_keys.tolist())
+    for (hi, ht, _), (di, dt, dn) in zip(host.epoch(8), device.epoch(8), strict=True):
+        assert isinstance(dn, torch.Tensor) and np.array_equal(hi, di.numpy()) and np.array_equal(ht, dt.numpy())
+        assert ((dn > 0) == (dt > 0)).all() and int(dn.max()) <= data.n_items
+        rows = np.array([next(r for r in range(len(host)) if np.array_equal(host.inputs[r], x)) for x in hi])
+        keys = rows[:, None] * (data.n_items + 1) + dn.numpy()
+        assert not seen & set(keys[dn.numpy() > 0].tolist())
+
+
+def test_device_negatives_are_uniform_over_the_unseen_items():
+    # Row 0 saw items {1, 3, 4} of 6, row 1 saw {2}, row 2 saw all but 6: brute force says
+    # row 0 draws 2, 5, 6 a third each, row 1 the five others a fifth each, row 2 only 6.
+    from model.train import unseen_tables
+    batches = TrainBatches.__new__(TrainBatches)
+    batches.n_items = 6
+    keys = np.array([1, 3, 4, 7 + 2, 14 + 1, 14 + 2, 14 + 3, 14 + 4, 14 + 5])
+    batches.on_device = unseen_tables(keys, 3, 6, torch.device("cpu"))
+    batches.generator = torch.Generator().manual_seed(0)
+    draws = batches.sample_negatives_on_device(torch.tensor([0, 1, 2]), (3, 30000))
+    for row, allowed in enumerate([{2, 5, 6}, {1, 3, 4, 5, 6}, {6}]):
+        counts = Counter(draws[row].tolist())
+        assert set(counts) == allowed
+        assert all(abs(c / 30000 - 1 / len(allowed)) < 0.015 for c in counts.values()), counts
+
+
 class FixedScores(torch.nn.Module):
     """A stand-in scorer with known scores, to check evaluate()'s masking on its own."""
 
@@ -319,6 +350,24 @@ def test_bf16_autocast_step_stays_close_to_float32(tiny_inputs):
         assert parts[True][k].dtype == torch.float32
         assert parts[True][k].item() == pytest.approx(parts[False][k].item(), rel=0.05), k
     assert parts[True]["rec"].item() != parts[False]["rec"].item()  # bf16 really ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")
+def test_gpu_base_step_never_waits_for_the_host(tiny_inputs):
+    """The GPU path: batches drawn on the device, SASRec on the whole padded batch, loss parts
+    kept there: a plain SASRec step syncs nothing (FAERec's distinct items still do, once)."""
+    data, device = tiny_inputs.data, torch.device("cuda")
+    model_cfg, train_cfg = settings_from_dict({**SMALL, "method": "base"}, "test")
+    model = build_model(model_cfg, data.n_items).to(device)
+    optimizer = make_optimizer(model, train_cfg)
+    batches = TrainBatches(data, 12, np.random.default_rng(0), device=device).epoch(16)
+    train_step(model, optimizer, next(batches), 0)  # first call: lazy CUDA initialisation
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            train_step(model, optimizer, next(batches), 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_every_epoch_is_reported_and_patience_spans_min_steps(tiny_inputs):
