@@ -310,12 +310,3 @@ class FAERec(SequentialRecommender):
         return {"loss": rec + cfg.alpha * align, "rec": rec, "ila": ila, "fla": fla, "align": align,  # eq. (14)
                 "w_ila": torch.tensor(w1)}
 
-
-def build_model(cfg, n_items, llm_embeddings=None, pca=None, train_popularity=None):
-    """The model `cfg.method` names; llm_embeddings (n_items, d_llm), pca (n_items, d) and
-    train_popularity (n_items + 1,) are needed by FAERec only (pca only with pca_init)."""
-    if cfg.method == "base":
-        return SequentialRecommender(cfg, n_items)
-    if llm_embeddings is None:
-        raise ValueError("method 'faerec' needs llm_embeddings")
-    return FAERec(cfg, n_items, llm_embeddings, pca, train_popularity)

@@ -38,9 +38,9 @@ from typing import Any, Callable, Mapping
 
 import optuna
 
-from model.config import (PROJECT_ROOT, SETTING_NAMES, DatasetConfig, EmbeddingConfig, Invalid,
+from model.config import (PROJECT_ROOT, DatasetConfig, EmbeddingConfig, Invalid,
                           check_fields, dataset_config_from_dict, from_mapping, resolve_dataset, rule,
-                          settings_from_dict, unknown_key, where)
+                          setting_names, settings_from_dict, unknown_key, where)
 from model.errors import ConfigError
 from model.urls import mask_text, mask_url
 from model.yamlfile import load_yaml
@@ -315,8 +315,8 @@ def _absolute_uri(uri: str) -> str:
 def _check_setting_name(name: Any, source: str, path: str) -> None:
     if name in RUN_SETTINGS:
         raise ConfigError(f"{where(source, path, str(name))}: set by {RUN_SETTINGS[name]}, not here")
-    if name not in SETTING_NAMES:
-        raise unknown_key(name, SETTING_NAMES, source, path, noun="setting")
+    if name not in setting_names():
+        raise unknown_key(name, setting_names(), source, path, noun="setting")
 
 
 def _parse_dataset(value: Any, source: str, base_dir: Path) -> DatasetConfig:
@@ -651,3 +651,15 @@ def plan(space: SearchSpace) -> str:
         f"  MLflow:     {mask_url(s.tracking_uri)} (experiment {space.name!r})",
     ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- methods
+
+def methods_drawn(space: SearchSpace) -> tuple[str, ...]:
+    """Every method some trial of `space` may run (params.method, fixed.method, ablation's)."""
+    param = space.param("method")
+    drawn = list(param.extremes()) if param else [space.fixed.get("method", _defaults().method)]
+    ablation = space.param("ablation")
+    for variant in ablation.extremes() if ablation else ():
+        drawn.append(ABLATIONS[variant].get("method", drawn[0]))
+    return tuple(dict.fromkeys(drawn))

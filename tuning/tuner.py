@@ -23,12 +23,13 @@ from ray.tune import CLIReporter
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from model.config import PROJECT_ROOT
+from model.config import PROJECT_ROOT, FAERecConfig
 from model.errors import ConfigError
+from model.methods import METHODS
 from model.train import load_inputs
 from model.urls import mask_text
 from tuning.cluster import check_cluster, start_ray
-from tuning.space import SearchSpace, define_by_run, make_sampler
+from tuning.space import SearchSpace, define_by_run, make_sampler, methods_drawn
 from tuning.trainable import best_key, outcome, train_trial
 from tuning.tracking import MlflowCallback, read_results, sync, write_settings
 
@@ -208,8 +209,7 @@ def run(space: SearchSpace, resume: bool = False, address: str | None = None) ->
     if not ray.is_initialized():
         start_ray(address)
     check_cluster(space)  # before any file, MLflow run or trial: one error if not multi-node-safe
-    need_llm = space.fixed.get("method", "faerec") == "faerec" or any(
-        p.name in ("method", "ablation") for p in space.params)
+    need_llm = any(METHODS[m].needs_llm_table(FAERecConfig(method=m)) for m in methods_drawn(space))
     # a dataset no trial could use is one message before any results folder or MLflow run
     inputs = load_inputs(space.dataset, space.embedding, need_llm=need_llm)
     folder = local_folder(space)
