@@ -220,6 +220,8 @@ class FAERecConfig:
             raise Invalid("num_heads", f"must divide hidden_size {self.hidden_size}, got {self.num_heads!r}")
         if self.w_min > self.w_max:
             raise Invalid("w_min", f"must be in [0, w_max = {self.w_max}], got {self.w_min!r}")
+        if hasattr(self.method_settings, "check"):  # the method's rules that involve shared settings
+            self.method_settings.check(self)
 
 
 @dataclass(frozen=True)
@@ -318,19 +320,21 @@ def settings_from_dict(settings: Mapping, source: str, path: str = ""
         settings = {**preset_settings(preset, method, backbone), **settings}
     parts = {cls: {k: v for k, v in settings.items() if _FIELDS.get(k) is cls}
              for cls in (FAERecConfig, TrainConfig)}
-    model_cfg = from_mapping(FAERecConfig, parts[FAERecConfig], source, path, noun="setting")
+    shared = parts[FAERecConfig]
+    method = shared.get("method", FAERecConfig.method)
     own = {}  # "<method>.<field>" settings: the chosen method's only
     for key, value in settings.items():
-        method, dot, name = key.partition(".")
-        if dot and method != model_cfg.method:
-            raise ConfigError(f"{where(source, path, key)}: is a setting of method {method}, "
-                              f"but method is {model_cfg.method}")
+        owner, dot, name = key.partition(".")
+        if dot and owner != method:
+            raise ConfigError(f"{where(source, path, key)}: is a setting of method {owner}, "
+                              f"but method is {method}")
         if dot:
             own[name] = value
     if own:
-        model_cfg.method_settings = from_mapping(METHOD_SETTINGS[model_cfg.method], own, source,
-                                                 ".".join(filter(None, (path, model_cfg.method))),
-                                                 noun=f"setting of method {model_cfg.method}")
+        shared = {**shared, "method_settings": from_mapping(
+            METHOD_SETTINGS[method], own, source, ".".join(filter(None, (path, method))),
+            noun=f"setting of method {method}")}
+    model_cfg = from_mapping(FAERecConfig, shared, source, path, noun="setting")
     return (model_cfg, from_mapping(TrainConfig, parts[TrainConfig], source, path, noun="setting"))
 
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from model.config import METHOD_SETTINGS, FAERecConfig
+from model.alphafuse import AlphaFuse, AlphaFuseConfig
 from model.faerec import FAERec, SequentialRecommender
 from model.llminit import LLMInit
+from model.rlmrec import RLMRecCon, RLMRecConConfig, RLMRecGen, RLMRecGenConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,15 @@ METHODS: dict[str, Method] = {
     "llminit": Method(lambda cfg, n_items, llm, pca, pop: LLMInit(cfg, n_items, pca),
                       "ID table initialised from the PCA-reduced LLM table, then plain training",
                       needs_pca=lambda cfg: True),
+    "alphafuse": Method(lambda cfg, n_items, llm, *_: AlphaFuse(cfg, n_items, llm),
+                        "ID embeddings learnt in the null space of the whitened LLM table (SVD), no adapter",
+                        settings=AlphaFuseConfig, needs_llm=True),
+    "rlmrec_con": Method(lambda cfg, n_items, llm, *_: RLMRecCon(cfg, n_items, llm),
+                         "BCE + InfoNCE between ID item embeddings and the LLM table mapped down",
+                         settings=RLMRecConConfig, needs_llm=True),
+    "rlmrec_gen": Method(lambda cfg, n_items, llm, *_: RLMRecGen(cfg, n_items, llm),
+                         "BCE + masked positions' outputs mapped up must pick out their items' LLM embeddings",
+                         settings=RLMRecGenConfig, needs_llm=True),
 }
 METHOD_SETTINGS.update({name: m.settings for name, m in METHODS.items()})  # model.config validates them
 
