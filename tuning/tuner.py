@@ -29,7 +29,7 @@ from model.methods import METHODS
 from model.train import load_inputs
 from model.urls import mask_text
 from tuning.cluster import check_cluster, start_ray
-from tuning.space import SearchSpace, define_by_run, make_sampler, methods_drawn
+from tuning.space import SearchSpace, define_by_run, drawn_in_every_trial, make_sampler, methods_drawn
 from tuning.trainable import best_key, outcome, train_trial
 from tuning.tracking import MlflowCallback, read_results, sync, write_settings
 
@@ -179,7 +179,8 @@ def build_tuner(space: SearchSpace, inputs, resume: bool, callbacks=()) -> tune.
     else:
         scheduler = FIFOScheduler()
     reporter = CLIReporter(
-        parameter_columns=_searched_names(space),
+        # Ray's "current best trial" line fails on a param its trial lacks: conditional ones left out
+        parameter_columns=[n for n in _searched_names(space) if n in drawn_in_every_trial(space)],
         metric_columns={"epoch": "epoch", "val/overall/ndcg_10": "val NDCG@10",
                         "val/tail/ndcg_10": "val tail NDCG@10", metric: "best"},
         max_report_frequency=30, sort_by_metric=True)
