@@ -2,7 +2,7 @@
 measured in one run with the backbones alternating, so that a shared machine's load falls
 on all of them alike.
 
-    .venv/bin/python bench/bench_backbones.py [--dataset ml-100k] [--method base|faerec]
+    .venv/bin/python bench/bench_backbones.py [--dataset ml-100k] [--method M]
         [--rounds 3] [--threads 1] [--backbones sasrec,narm,...] [--json]
 
 The project's defaults (d = 128, max_len 50, 2 layers, batch 256), the real training step
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import model.train as train  # noqa: E402
 from model.config import BACKBONE_NAMES, EmbeddingConfig, FAERecConfig, TrainConfig  # noqa: E402
 from model.data import resolve_dataset  # noqa: E402
+from model.methods import METHODS  # noqa: E402
 
 
 def timed_epoch(model, optimizer, batches, split, data) -> tuple[float, float]:
@@ -44,7 +45,7 @@ def timed_epoch(model, optimizer, batches, split, data) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--method", default="base", choices=["base", "faerec"])
+    p.add_argument("--method", default="base", choices=list(METHODS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backbones", default=",".join(BACKBONE_NAMES))
@@ -55,7 +56,7 @@ def main() -> None:
         raise SystemExit("--backbones must include sasrec, the reference")
     torch.set_num_threads(args.threads)
     inputs = train.load_inputs(resolve_dataset(args.dataset), EmbeddingConfig(),
-                               need_llm=args.method == "faerec")
+                               need_llm=METHODS[args.method].needs_llm_table(FAERecConfig(method=args.method)))
     setups = {}
     for name in names:
         torch.manual_seed(0)

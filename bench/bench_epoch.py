@@ -49,7 +49,8 @@ def measure(method: str, args) -> dict:
 
     import model.train as train
     from model.data import load_dataset, resolve_dataset
-    from model.faerec import FAERecConfig, build_model
+    from model.faerec import FAERecConfig
+    from model.methods import build_model
     from model.text import EmbeddingConfig, item_embeddings, pca_embeddings
 
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""Base backbone against FAERec under the same budget, several seeds: mean ± std of the
+"""Methods (model/methods.py; default: base and FAERec) under one budget, several seeds: mean ± std of the
 test metrics at each run's best validation epoch.
 
     .venv/bin/python bench/compare_methods.py --dataset ml-100k --seeds 0 1 2 --epochs 100
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.data import resolve_dataset  # noqa: E402
+from model.methods import METHODS  # noqa: E402
 from model.text import EmbeddingConfig  # noqa: E402
 from model.train import parse_assignments, fit, load_inputs, settings_from_dict  # noqa: E402
 
@@ -35,7 +36,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--methods", nargs="+", default=["base", "faerec"], choices=["base", "faerec"])
+    p.add_argument("--methods", nargs="+", default=["base", "faerec"], choices=list(METHODS))
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, help="JSON lines of every run (default: results/compare-*.jsonl)")
     args = p.parse_args()
@@ -46,9 +47,10 @@ def main() -> int:
     runs: dict[str, list[dict]] = {method: [] for method in args.methods}
     for seed in args.seeds:
         for method in runs:
+            given = parse_assignments(args.settings, "--set")  # a method's own (M.x) go to method M only
             settings = {"method": method, "backbone": args.backbone, "seed": seed,
                         "epochs": args.epochs, "num_threads": args.threads,
-                        **parse_assignments(args.settings, "--set")}
+                        **{k: v for k, v in given.items() if k.partition(".")[0] in (k, method)}}
             result = fit(inputs, *settings_from_dict(settings, "compare_methods"))
             record = {"dataset": inputs.data.name, "method": method, "seed": seed,
                       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -58,7 +60,7 @@ def main() -> int:
             runs[method].append(record)
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"{method:7s} seed {seed}: " + "  ".join(
+            print(f"{method:10s} seed {seed}: " + "  ".join(
                 f"{k.removeprefix('test/')}={record[k]:.4f}" for k in SHOWN)
                 + f"  (best epoch {result.best_epoch}/{result.epochs_run}, {result.seconds:.0f} s)",
                 flush=True)

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from model.errors import ConfigError
 from model.urls import endpoint_problem, mask_url
@@ -163,10 +164,16 @@ def from_mapping(cls, data, source: str, path: str = "", noun: str = "key"):
 
 BACKBONE_NAMES = ("sasrec", "fmlprec", "lrurec", "narm", "lightsans", "gmlp")
 
+# The methods `method` may name, each with its own settings dataclass (None: none beyond
+# these), addressed as "<method>.<field>" (e.g. rlmrec_con.weight). model.methods, the
+# registry, fills this on import; model/__init__.py imports it, so it is complete before any
+# setting is read. (This module cannot import the registry: every method module imports `rule`.)
+METHOD_SETTINGS: dict[str, type | None] = {}
+
 
 @dataclass
 class FAERecConfig:
-    method: str = rule("faerec", choices=("faerec", "base"))  # "base" = the backbone alone on random ID embeddings
+    method: str = "faerec"  # a name of model.methods.METHODS; "base" = the backbone alone on random ID embeddings
     backbone: str = rule("sasrec", choices=BACKBONE_NAMES)
     hidden_size: int = rule(128, ge=1)  # d; also the size of the d x d correlation matrices of FLA
     num_layers: int = rule(2, ge=1)
@@ -195,8 +202,17 @@ class FAERecConfig:
     score_layernorm: bool = False  # the code's scoring: the trained input LayerNorm on the scoring items
     align_items: str = rule("unique", choices=("unique", "occurrence"))  # distinct items, or every occurrence (the code);
                                                                          # paper silent
+    method_settings: Any = None  # the method's own settings (METHOD_SETTINGS); None: its defaults
 
     def __post_init__(self):
+        if self.method not in METHOD_SETTINGS:
+            raise Invalid("method", f"must be one of {', '.join(METHOD_SETTINGS)}, got {self.method!r}")
+        own = METHOD_SETTINGS[self.method]
+        if self.method_settings is None and own is not None:
+            self.method_settings = own()
+        if not (isinstance(self.method_settings, own) if own else self.method_settings is None):
+            raise Invalid("method_settings", f"must be {own.__name__ if own else None} for method "
+                                             f"{self.method}, got {self.method_settings!r}")
         if self.dropout is None:
             self.dropout = 0.4 if self.method == "faerec" else 0.5
         check_fields(self)
@@ -204,6 +220,8 @@ class FAERecConfig:
             raise Invalid("num_heads", f"must divide hidden_size {self.hidden_size}, got {self.num_heads!r}")
         if self.w_min > self.w_max:
             raise Invalid("w_min", f"must be in [0, w_max = {self.w_max}], got {self.w_min!r}")
+        if hasattr(self.method_settings, "check"):  # the method's rules that involve shared settings
+            self.method_settings.check(self)
 
 
 @dataclass(frozen=True)
@@ -266,8 +284,18 @@ def preset_settings(name: str, method: str, backbone: str) -> dict:
 
 
 _FIELDS = {EXTERNAL.get(f.name, f.name): cls
-           for cls in (FAERecConfig, TrainConfig) for f in dataclasses.fields(cls)}
-SETTING_NAMES: tuple[str, ...] = tuple(sorted([*_FIELDS, "preset"]))
+           for cls in (FAERecConfig, TrainConfig) for f in dataclasses.fields(cls) if f.name != "method_settings"}
+SETTING_NAMES: tuple[str, ...] = tuple(sorted([*_FIELDS, "preset"]))  # the settings every method shares
+
+
+def method_setting_names() -> tuple[str, ...]:
+    """Every method's own settings, "<method>.<field>" (e.g. rlmrec_con.weight)."""
+    return tuple(f"{method}.{f.name}" for method, cls in METHOD_SETTINGS.items() if cls
+                 for f in dataclasses.fields(cls))
+
+
+def setting_names() -> tuple[str, ...]:
+    return SETTING_NAMES + method_setting_names()
 
 
 def settings_from_dict(settings: Mapping, source: str, path: str = ""
@@ -276,9 +304,10 @@ def settings_from_dict(settings: Mapping, source: str, path: str = ""
     Errors name `source`, the YAML `path` of the settings (e.g. "fixed"), the key and the value."""
     if not isinstance(settings, Mapping):
         raise ConfigError(f"{where(source, path)}: expected a mapping, got {settings!r}")
+    names = setting_names()
     for key in settings:
-        if key not in SETTING_NAMES:
-            raise unknown_key(key, SETTING_NAMES, source, path, noun="setting")
+        if key not in names:
+            raise unknown_key(key, names, source, path, noun="setting")
     settings = dict(settings)
     preset = settings.pop("preset", None)
     if preset is not None:
@@ -289,16 +318,32 @@ def settings_from_dict(settings: Mapping, source: str, path: str = ""
         method = settings.get("method", base["method"].default)
         backbone = settings.get("backbone", base["backbone"].default)
         settings = {**preset_settings(preset, method, backbone), **settings}
-    parts = {cls: {k: v for k, v in settings.items() if _FIELDS[k] is cls}
+    parts = {cls: {k: v for k, v in settings.items() if _FIELDS.get(k) is cls}
              for cls in (FAERecConfig, TrainConfig)}
-    return (from_mapping(FAERecConfig, parts[FAERecConfig], source, path, noun="setting"),
-            from_mapping(TrainConfig, parts[TrainConfig], source, path, noun="setting"))
+    shared = parts[FAERecConfig]
+    method = shared.get("method", FAERecConfig.method)
+    own = {}  # "<method>.<field>" settings: the chosen method's only
+    for key, value in settings.items():
+        owner, dot, name = key.partition(".")
+        if dot and owner != method:
+            raise ConfigError(f"{where(source, path, key)}: is a setting of method {owner}, "
+                              f"but method is {method}")
+        if dot:
+            own[name] = value
+    if own:
+        shared = {**shared, "method_settings": from_mapping(
+            METHOD_SETTINGS[method], own, source, ".".join(filter(None, (path, method))),
+            noun=f"setting of method {method}")}
+    model_cfg = from_mapping(FAERecConfig, shared, source, path, noun="setting")
+    return (model_cfg, from_mapping(TrainConfig, parts[TrainConfig], source, path, noun="setting"))
 
 
 def settings_to_dict(model_cfg: FAERecConfig, train_cfg: TrainConfig) -> dict:
     """The inverse of `settings_from_dict`: the resolved flat settings, for logging."""
-    return {EXTERNAL.get(f.name, f.name): getattr(cfg, f.name)
-            for cfg in (model_cfg, train_cfg) for f in dataclasses.fields(cfg)}
+    flat = {EXTERNAL.get(f.name, f.name): getattr(cfg, f.name)
+            for cfg in (model_cfg, train_cfg) for f in dataclasses.fields(cfg) if f.name != "method_settings"}
+    own = model_cfg.method_settings
+    return {**flat, **({f"{model_cfg.method}.{k}": v for k, v in dataclasses.asdict(own).items()} if own else {})}
 
 
 # ---------------------------------------------------------------------------------------

@@ -144,6 +144,14 @@ def init_weights(module):
         nn.init.zeros_(module.weight[module.padding_idx])
 
 
+def padded_llm_table(llm_embeddings, n_items):
+    """The frozen LLM table (n_items, d_llm) as float32 with a zero padding row 0: (n_items + 1, d_llm)."""
+    llm_embeddings = torch.as_tensor(llm_embeddings, dtype=torch.float32)
+    if llm_embeddings.ndim != 2 or len(llm_embeddings) != n_items:
+        raise ValueError(f"llm_embeddings must be (n_items={n_items}, d_llm), got {tuple(llm_embeddings.shape)}")
+    return torch.cat([llm_embeddings.new_zeros(1, llm_embeddings.size(1)), llm_embeddings])
+
+
 class SequentialRecommender(nn.Module):
     """A backbone over ID embeddings trained with BCE (eq. 13): method "base", and FAERec's shared path.
 
@@ -175,7 +183,12 @@ class SequentialRecommender(nn.Module):
 
     def rec_loss(self, input_ids, pos_ids, seq_emb, pos_emb, neg_emb):
         """BCE of eq. (13) at every position with a target: seq_emb, pos_emb, neg_emb (B, L, d)."""
-        h = self.backbone(seq_emb, input_ids != 0).float()  # (B, L, d), float32 even under bf16 autocast
+        return self.bce(self.backbone(seq_emb, input_ids != 0), pos_ids, pos_emb, neg_emb)
+
+    @staticmethod
+    def bce(h, pos_ids, pos_emb, neg_emb):
+        """Eq. (13) from the backbone's output h (B, L, d)."""
+        h = h.float()  # float32 even under bf16 autocast
         pos_logits, neg_logits = (h * pos_emb.float()).sum(-1), (h * neg_emb.float()).sum(-1)  # (B, L)
         loss = F.softplus(-pos_logits) + F.softplus(neg_logits)  # -log σ(h·e+) - log(1 - σ(h·e-))
         real = pos_ids != 0
@@ -211,17 +224,14 @@ class FAERec(SequentialRecommender):
     def __init__(self, cfg, n_items, llm_embeddings, pca=None, train_popularity=None):
         super().__init__(cfg, n_items)
         d = cfg.hidden_size
-        llm_embeddings = torch.as_tensor(llm_embeddings, dtype=torch.float32)
-        if llm_embeddings.ndim != 2 or len(llm_embeddings) != n_items:
-            raise ValueError(f"llm_embeddings must be (n_items={n_items}, d_llm), got {tuple(llm_embeddings.shape)}")
+        padded = padded_llm_table(llm_embeddings, n_items)  # (n + 1, d_llm)
         popularity = torch.as_tensor(train_popularity) if train_popularity is not None else None
         if popularity is None or popularity.shape != (n_items + 1,):
             raise ValueError(f"train_popularity must be (n_items + 1 = {n_items + 1},), got "
                              f"{None if popularity is None else tuple(popularity.shape)}")
-        padded = torch.cat([llm_embeddings.new_zeros(1, llm_embeddings.size(1)), llm_embeddings])  # (n + 1, d_llm)
         self.register_buffer("llm_embedding", padded, persistent=False)
         self.register_buffer("popularity", popularity, persistent=False)
-        self.projection = ProjectionMLP(llm_embeddings.size(1), cfg.proj_hidden, d, cfg.proj_dropout)
+        self.projection = ProjectionMLP(padded.size(1), cfg.proj_hidden, d, cfg.proj_dropout)
         self.fusion = GatingFusion(d, cfg.gate) if cfg.gating else None
         self.projection.apply(init_weights)
         if self.fusion is not None:
@@ -317,12 +327,3 @@ class FAERec(SequentialRecommender):
         return {"loss": rec + cfg.alpha * align, "rec": rec, "ila": ila, "fla": fla, "align": align,  # eq. (14)
                 "w_ila": torch.tensor(w1)}
 
-
-def build_model(cfg, n_items, llm_embeddings=None, pca=None, train_popularity=None):
-    """The model `cfg.method` names; llm_embeddings (n_items, d_llm), pca (n_items, d) and
-    train_popularity (n_items + 1,) are needed by FAERec only (pca only with pca_init)."""
-    if cfg.method == "base":
-        return SequentialRecommender(cfg, n_items)
-    if llm_embeddings is None:
-        raise ValueError("method 'faerec' needs llm_embeddings")
-    return FAERec(cfg, n_items, llm_embeddings, pca, train_popularity)

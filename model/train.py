@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import yaml
 
-from model.config import (SETTING_NAMES, EmbeddingConfig, FAERecConfig, TrainConfig,
-                          embedding_config_from_dict, settings_from_dict, settings_to_dict)
+from model.config import (SETTING_NAMES, EmbeddingConfig, FAERecConfig, TrainConfig,  # noqa: F401
+                          embedding_config_from_dict, setting_names, settings_from_dict,
+                          settings_to_dict)
 from model.data import SequenceData, check_trainable, load_dataset, pad_left, resolve_dataset
 from model.errors import ConfigError
-from model.faerec import build_model
+from model.methods import METHODS, build_model
 from model.metrics import RankingEvaluator, UserRanks
 from model.text import item_embeddings, pca_embeddings
 
@@ -270,15 +271,16 @@ def make_optimizer(model, train_cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def build(inputs: Inputs, model_cfg: FAERecConfig, device: torch.device,
           cache_dir: str | None = None) -> torch.nn.Module:
-    """The model `model_cfg` names, on `device` (FAERec: LLM table, PCA init, popularity)."""
+    """The model `model_cfg` names, on `device`, with what its method reads (model.methods):
+    the LLM table, its PCA reduction, the training popularity."""
+    method = METHODS[model_cfg.method]
     llm = pca = None
-    if model_cfg.method == "faerec":
-        if inputs.llm_embeddings is None:
-            raise ConfigError("method faerec needs LLM item embeddings; none were loaded")
+    if method.needs_llm_table(model_cfg) and inputs.llm_embeddings is None:
+        raise ConfigError(f"method {model_cfg.method} needs LLM item embeddings; none were loaded")
+    if method.needs_llm:
         llm = torch.tensor(inputs.llm_embeddings, dtype=torch.float32)  # a writable copy
-        if model_cfg.pca_init:
-            pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size,
-                                                 cache_dir))
+    if method.needs_pca(model_cfg):
+        pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size, cache_dir))
     popularity = torch.tensor(inputs.data.train_popularity)
     return build_model(model_cfg, inputs.data.n_items, llm, pca, popularity).to(device)
 
@@ -445,11 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="ml-100k", help="built-in name or dataset YAML path")
     p.add_argument("--backbone", default="sasrec", help="sasrec | fmlprec | lrurec | narm | lightsans | gmlp")
-    p.add_argument("--method", default="faerec", choices=["faerec", "base"])
+    p.add_argument("--method", default="faerec", choices=list(METHODS),
+                   help="; ".join(f"{name}: {m.about}" for name, m in METHODS.items()))
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"any model/training setting: {', '.join(SETTING_NAMES)}")
+                   help=f"any model/training setting: {', '.join(setting_names())}")
     p.add_argument("--embedding", action="append", default=[], metavar="KEY=VALUE",
                    help="item-embedding setting (encoder, path, url, model, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object of test metrics")
@@ -466,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset_cfg = resolve_dataset(args.dataset)
         embedding_cfg = embedding_config_from_dict(
             parse_assignments(args.embedding, "--embedding"), "--embedding")
-        inputs = load_inputs(dataset_cfg, embedding_cfg, need_llm=model_cfg.method == "faerec")
+        inputs = load_inputs(dataset_cfg, embedding_cfg,
+                             need_llm=METHODS[model_cfg.method].needs_llm_table(model_cfg))
         result = fit(inputs, model_cfg, train_cfg)
     except (ConfigError, ValueError, OSError) as e:  # OSError: disk, permission, connection
         print(f"error: {e}", file=sys.stderr)

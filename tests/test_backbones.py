@@ -244,7 +244,7 @@ def test_spatial_gating_by_hand():
 def test_backbone_settings_reach_the_backbone():
     """k_interests, a FAERecConfig field, sizes LightSANs' aggregation; num_heads must divide d."""
     from model.config import FAERecConfig, Invalid
-    from model.faerec import build_model
+    from model.methods import build_model
     model = build_model(FAERecConfig(method="base", backbone="lightsans", hidden_size=8, k_interests=3), n_items=5)
     assert model.backbone.blocks[0].attn.theta_k.shape == (8, 3)
     with pytest.raises(Invalid, match="num_heads"):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from model.errors import ConfigError
-from model.faerec import (CurriculumSchedule, FAERecConfig, GatingFusion, build_model, feature_alignment_loss,
+from model.faerec import (CurriculumSchedule, FAERecConfig, GatingFusion, feature_alignment_loss,
                           item_alignment_loss)
+from model.methods import build_model
 
 N_ITEMS, D, D_LLM, L = 30, 16, 24, 8
 

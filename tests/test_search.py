@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 import run_search
 from conftest import reference_metrics, write_faerec_dataset
 from model.data import SequenceData, load_dataset
-from model.faerec import build_model
+from model.methods import build_model
 from model.train import Inputs, load_inputs, settings_from_dict
 from tuning.pareto import losses, pareto_mask
 from tuning.report import FIGURES, answer_table

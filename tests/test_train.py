@@ -13,7 +13,8 @@ import model.train
 from conftest import leaky_test_items, reference_metrics, reference_ranks
 from model.data import DatasetConfig, load_dataset, resolve_dataset
 from model.errors import ConfigError
-from model.faerec import FAERec, build_model
+from model.faerec import FAERec
+from model.methods import build_model
 from model.text import EmbeddingConfig
 from model.train import (SETTING_NAMES, EvalSplit, Inputs, TrainBatches, evaluate, fit,
                          load_inputs, main, make_optimizer, settings_from_dict, train_step)

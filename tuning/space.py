@@ -21,6 +21,8 @@ Three things go beyond "draw each param from its range":
 - `ablation`: a Table 3 variant, expanded into the switches it turns off (ABLATIONS).
 - params of kind `grid` are not sampled: trial n takes grid combination n mod the grid size,
   so every combination (e.g. every ablation variant) runs equally often.
+- conditional params (`when: {method: faerec}`, and a method's own `rlmrec_con.weight`)
+  are drawn only in the trials they apply to; see the last section.
 A trial's config therefore holds two keys that are not settings (`w_gap`, `ablation`):
 `trial_settings(config)` drops them.
 
@@ -32,8 +34,11 @@ Dataset and embedding paths are model.data's and model.text's business.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -43,6 +48,7 @@ import optuna
 from model.config import (PROJECT_ROOT, SETTING_NAMES, DatasetConfig, EmbeddingConfig, Invalid,
                           check_fields, dataset_config_from_dict, from_mapping, resolve_dataset, rule,
                           settings_from_dict, unknown_key, where)
+from model.config import METHOD_SETTINGS, setting_names, settings_to_dict  # methods' own settings
 from model.errors import ConfigError
 from model.urls import mask_text, mask_url
 from model.yamlfile import load_yaml
@@ -100,6 +106,7 @@ class ParamSpec:
     step: int = 1                      # int
     choices: tuple[Any, ...] = ()      # categorical, grid
     value: Any = None                  # fixed
+    when: tuple = ()                   # ((setting, (value, ...)), ...): drawn only in those trials
 
     def extremes(self) -> tuple[Any, ...]:
         """The values that bound what this param can take (checked against the settings)."""
@@ -408,8 +415,8 @@ def _absolute_uri(uri: str) -> str:
 def _check_setting_name(name: Any, source: str, path: str) -> None:
     if name in RUN_SETTINGS:
         raise ConfigError(f"{where(source, path, str(name))}: set by {RUN_SETTINGS[name]}, not here")
-    if name not in SETTING_NAMES:
-        raise unknown_key(name, SETTING_NAMES, source, path, noun="setting")
+    if name not in setting_names():
+        raise unknown_key(name, setting_names(), source, path, noun="setting")
 
 
 def _parse_dataset(value: Any, source: str, base_dir: Path) -> DatasetConfig:
@@ -598,7 +605,7 @@ def _check_values(space: SearchSpace) -> None:
     for name, values in candidates.items():
         path = "params.w_max" if name == "w_gap" else f"params.{name}"
         for value in values:
-            config = _trial_config(space, {**base, name: value})
+            config = _trial_config(space, {**base, name: value, **_satisfying(space, name)})
             _, train_cfg = settings_from_dict(trial_settings(config), source=f"{space.label}: {path}")
             _check_first_validation(space, train_cfg.min_epochs)
 
@@ -632,7 +639,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         embedding=_parse_embedding(top.embedding or {}, source, folder),
         fixed=dict(fixed),
         search=_parse_search(top.search, source),
-        params=tuple(_parse_param(n, spec, source) for n, spec in (top.params or {}).items()),
+        params=tuple(_parse_conditional_param(n, spec, source) for n, spec in (top.params or {}).items()),
         source=str(path), overrides=given, references=top.references,
         confirm=_parse_confirm(top.confirm, source))
     for p in space.params:
@@ -643,22 +650,24 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
             raise ConfigError(f"{where(source, f'search.constraints[{i}].of')}: {c.of!r} needs "
                               "the references, but the space sets references: false")
     _check_ablation(space)
+    _check_conditions(space)
     _check_curriculum_bounds(space)  # before the settings check, which would name one side only
-    _check_first_validation(space, settings_from_dict(space.fixed, source, "fixed")[1].min_epochs)
+    _check_first_validation(space, settings_from_dict(_shared_fixed(space), source, "fixed")[1].min_epochs)
     _check_grid(space)
     _check_values(space)
     return space
 
 
-def _suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
+def _suggest(trial: optuna.Trial, p: ParamSpec, name: str | None = None) -> Any:
+    name = name or p.name  # Optuna's name for it
     if p.kind == "uniform":
-        return trial.suggest_float(p.name, p.low, p.high)
+        return trial.suggest_float(name, p.low, p.high)
     if p.kind == "loguniform":
-        return trial.suggest_float(p.name, p.low, p.high, log=True)
+        return trial.suggest_float(name, p.low, p.high, log=True)
     if p.kind == "int":
-        return trial.suggest_int(p.name, p.low, p.high, step=p.step)
+        return trial.suggest_int(name, p.low, p.high, step=p.step)
     if p.kind == "categorical":
-        return trial.suggest_categorical(p.name, list(p.choices))
+        return trial.suggest_categorical(name, list(p.choices))
     return p.value
 
 
@@ -689,7 +698,9 @@ def shared_config(space: SearchSpace) -> dict[str, Any]:
 
 def reference_config(space: SearchSpace, name: str) -> dict[str, Any]:
     """A reference's full flat config: the shared settings with REFERENCES[name] on top."""
-    return {**shared_config(space), **REFERENCES[name], "configuration": name}
+    config = {**shared_config(space), **REFERENCES[name], "configuration": name}
+    # a fixed setting of another method ("llmesr.alpha") is not the reference's to take
+    return {k: v for k, v in config.items() if k.partition(".")[0] in (k, config["method"])}
 
 
 def _trial_config(space: SearchSpace, drawn: Mapping[str, Any]) -> dict[str, Any]:
@@ -697,31 +708,36 @@ def _trial_config(space: SearchSpace, drawn: Mapping[str, Any]) -> dict[str, Any
     config = {**shared_config(space), **drawn}
     config.update(ABLATIONS.get(config.get("ablation"), {}))
     derived = _derived_w_max(space)
-    if derived is not None:
+    if derived is not None and "w_gap" in config:
         w_min = config.get("w_min", _defaults().w_min)
         config["w_max"] = _w_max_above(w_min, config["w_gap"], derived)
-    return config
+    return _without_inactive(space, config)
 
 
 class DefineByRun:
     """Optuna define-by-run function: draws one trial's params and returns its full flat
     config (fixed settings, derived w_max, ablation switches). Every param keeps the same
-    distribution in every trial, so multivariate TPE models them jointly. A class rather
-    than a closure: Ray pickles the searcher, this function included, to resume a search."""
+    distribution in every trial, so multivariate TPE models them jointly; a conditional param
+    is drawn only in the trials its condition holds in (see "method-conditional params").
+    A class rather than a closure: Ray pickles the searcher, this function included, to
+    resume a search."""
 
     def __init__(self, space: SearchSpace):
         self.space = space
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        derived = _derived_w_max(self.space)
-        drawn = {}
-        for p in self.space.params:
+        space = self.space
+        derived = _derived_w_max(space)
+        drawn = _grid_values(_grid(space), trial.number)
+        context = {**space.fixed, **ABLATIONS.get(drawn.get("ablation"), {})}
+        for p in sorted(space.params, key=lambda p: bool(_condition(p))):  # conditions read unconditional params
+            if p.kind == "grid" or not _holds(p, {**context, **drawn}):
+                continue
             if p is derived:
-                drawn["w_gap"] = trial.suggest_float("w_gap", GAP_MIN, 1.0)
-            elif p.kind != "grid":
-                drawn[p.name] = _suggest(trial, p)
-        drawn.update(_grid_values(_grid(self.space), trial.number))
-        return _trial_config(self.space, drawn)
+                drawn["w_gap"] = trial.suggest_float(_optuna_name(space, "w_gap", drawn), GAP_MIN, 1.0)
+            else:
+                drawn[p.name] = _suggest(trial, p, _optuna_name(space, p.name, drawn))
+        return _trial_config(space, drawn)
 
 
 def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]]:
@@ -729,8 +745,10 @@ def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]
 
 
 def trial_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The model/training settings of a trial config: without `w_gap` and `ablation`."""
-    return {k: v for k, v in config.items() if k not in NON_SETTING_KEYS}
+    """The model/training settings of a trial config: without `w_gap`, `ablation` and the
+    per-method Optuna names Ray adds (`<method>/<param>`, which Ray nests under `<method>`)."""
+    return {k: v for k, v in config.items()
+            if k not in NON_SETTING_KEYS and k.split("/")[0] not in METHOD_SETTINGS}
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -741,7 +759,11 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
         # Optuna's default population (50) would leave a search of a few dozen trials random
         return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=nsga_population(s))
     # constant_liar: running trials count as pending, so concurrent trials spread out.
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+    # group: conditional params (drawn in some trials only) stay in joint models, see below.
+    with warnings.catch_warnings():  # group is "experimental" in Optuna 5; it is what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True,
+                                          group=True)
 
 
 def nsga_population(s: SearchSettings) -> int:
@@ -749,7 +771,12 @@ def nsga_population(s: SearchSettings) -> int:
     return max(4, min(50, s.num_samples // 4))
 
 
-def _describe(space: SearchSpace, p: ParamSpec) -> str:
+def _describe(space: SearchSpace, p: ParamSpec, conditional: bool = True) -> str:
+    per_method = p.kind != "grid" and _optuna_name(space, p.name, {"method": "m"}) != p.name
+    if conditional and (_condition(p) or per_method):
+        return _describe(space, p, False) + "".join(
+            f"; only when {k} = {'/'.join(map(str, v))}" for k, v in _condition(p).items()) + (
+            "; a TPE model per method" if per_method else "")
     if p is _derived_w_max(space):
         scale = " (log scale)" if p.kind == "loguniform" else ""
         return (f"{p.kind} (w_min, {p.high}]: from max(w_min, {p.low}) up to {p.high} "
@@ -806,3 +833,148 @@ def plan(space: SearchSpace) -> str:
         f"  MLflow:     {mask_url(s.tracking_uri)} (experiment {space.name!r})",
     ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- methods
+
+def methods_drawn(space: SearchSpace) -> tuple[str, ...]:
+    """Every method some trial of `space` may run (params.method, fixed.method, ablation's)."""
+    param = space.param("method")
+    drawn = list(param.extremes()) if param else [space.fixed.get("method", _defaults().method)]
+    ablation = space.param("ablation")
+    for variant in ablation.extremes() if ablation else ():
+        drawn.append(ABLATIONS[variant].get("method", drawn[0]))
+    return tuple(dict.fromkeys(drawn))
+
+
+# ------------------------------------------------------------------------- method-conditional params
+#
+# A param exists only in the trials its condition holds in: `when: {setting: value or
+# [values]}` in its YAML entry, and, implied by its name, `method: M` for a method's own
+# setting `M.x` (e.g. rlmrec_con.weight). A condition reads a setting that is a categorical,
+# grid or fixed param without a condition of its own, a fixed setting or a default
+# (ablation variants count). Multivariate TPE stays multivariate: make_sampler's group=True
+# splits the params into the groups that occur together in trials and models each group
+# jointly (Optuna's multivariate TPE for define-by-run conditional spaces); without it, any
+# param missing from some trials would be sampled independently. When `method` is a grid
+# param (every method the same number of trials), each param a trial draws that is not a
+# method's own is named `<method>/<param>` in Optuna, so each method's TPE model learns from
+# its own trials only: one study per method, inside the one study.
+
+def _parse_conditional_param(name: Any, spec: Any, source: str) -> ParamSpec:
+    when = spec.get("when") if isinstance(spec, dict) else None
+    if when is None:
+        return _parse_param(name, spec, source)
+    p = _parse_param(name, {k: v for k, v in spec.items() if k != "when"}, source)
+    path = f"params.{name}.when"
+    if not isinstance(when, dict) or not when:
+        raise ConfigError(f"{where(source, path)}: expected a mapping of setting -> value or list "
+                          f"of values, e.g. {{method: faerec}}, got {when!r}")
+    conditions = []
+    for key, values in when.items():
+        if key not in SETTING_NAMES:
+            raise unknown_key(key, SETTING_NAMES, source, path, noun="setting")
+        if key == "method" and "." in str(name):
+            raise ConfigError(f"{where(source, path, key)}: {name} is a setting of method "
+                              f"{str(name).split('.')[0]}, which its name says already")
+        values = values if isinstance(values, list) else [values]
+        if not values or any(not isinstance(v, (str, int, float, bool)) for v in values):
+            raise ConfigError(f"{where(source, path, key)}: expected a value or a non-empty list "
+                              f"of values, got {when[key]!r}")
+        conditions.append((key, tuple(values)))
+    return dataclasses.replace(p, when=tuple(conditions))
+
+
+def _condition(p: ParamSpec) -> dict[str, tuple]:
+    """setting -> the values under which `p` is drawn; {}: always."""
+    owner, dot, _ = p.name.partition(".")
+    return {**dict(p.when), **({"method": (owner,)} if dot else {})}
+
+
+@functools.cache
+def _default_settings() -> dict[str, Any]:
+    return settings_to_dict(*settings_from_dict({}, "defaults"))
+
+
+def _default_setting(key: str) -> Any:
+    return _default_settings()[key]
+
+
+def _holds(p: ParamSpec, config: Mapping[str, Any]) -> bool:
+    return all(config.get(k, _default_setting(k)) in values for k, values in _condition(p).items())
+
+
+def _possible_values(space: SearchSpace, key: str) -> tuple:
+    """The values the setting `key` takes in some trial."""
+    param = space.param(key)
+    values = list(param.extremes()) if param else [space.fixed.get(key, _default_setting(key))]
+    ablation = space.param("ablation")
+    values += [ABLATIONS[v][key] for v in (ablation.extremes() if ablation else ()) if key in ABLATIONS[v]]
+    return tuple(dict.fromkeys(values))
+
+
+def _check_conditions(space: SearchSpace) -> None:
+    for p in space.params:
+        for key, values in _condition(p).items():
+            path = f"{space.label}: params.{p.name}" + (f".when.{key}" if key in dict(p.when) else "")
+            param = space.param(key)
+            if param is not None and (param.kind not in ("categorical", "grid", "fixed") or _condition(param)):
+                raise ConfigError(f"{path}: a condition reads a categorical, grid or fixed param "
+                                  f"without a condition of its own; params.{key} is not one")
+            possible = _possible_values(space, key)
+            for value in values:
+                if value not in possible:
+                    what = (f"runs method {value}, whose setting it is" if path.endswith(p.name)
+                            else f"has {key} = {value!r}")
+                    raise ConfigError(f"{path}: no trial {what} ({key} takes: "
+                                      f"{', '.join(map(str, possible))})")
+    methods = methods_drawn(space)
+    for key in space.fixed:
+        owner, dot, _ = key.partition(".")
+        if dot and owner not in methods:
+            raise ConfigError(f"{space.label}: fixed.{key}: a setting of method {owner}, which no "
+                              f"trial runs (method takes: {', '.join(methods)})")
+
+
+def _shared_fixed(space: SearchSpace) -> dict[str, Any]:
+    """The fixed settings, less the method settings of methods other than the fixed one."""
+    method = space.fixed.get("method", _default_setting("method"))
+    return {k: v for k, v in space.fixed.items() if k.partition(".")[0] in (k, method)}
+
+
+def _without_inactive(space: SearchSpace, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` less the params whose condition fails in it, and the fixed settings of other methods."""
+    for p in space.params:
+        if not _holds(p, config):
+            config.pop(p.name, None)
+            if p is _derived_w_max(space):
+                config.pop("w_gap", None)
+    method = config.get("method", _default_setting("method"))
+    return {k: v for k, v in config.items() if k.partition(".")[0] in (k, method)}
+
+
+def _satisfying(space: SearchSpace, name: str) -> dict[str, Any]:
+    """Drawn values under which param `name` (w_gap: w_max) is drawn, to check its values."""
+    p = _derived_w_max(space) if name == "w_gap" else space.param(name)
+    drawn = {}
+    for key, values in _condition(p).items():
+        param = space.param(key)
+        if param is not None and set(values) & set(param.extremes()):
+            drawn[key] = next(v for v in values if v in param.extremes())
+        elif space.param("ablation") and key not in space.fixed:
+            drawn["ablation"] = next((v for v in space.param("ablation").extremes()
+                                      if ABLATIONS[v].get(key) in values), drawn.get("ablation"))
+    return drawn
+
+
+def _optuna_name(space: SearchSpace, name: str, drawn: Mapping[str, Any]) -> str:
+    """`<method>/<name>` when `method` is a grid param and `name` is no method's own setting."""
+    method = space.param("method")
+    if method is None or method.kind != "grid" or "." in name:
+        return name
+    return f"{drawn['method']}/{name}"
+
+
+def drawn_in_every_trial(space: SearchSpace) -> tuple[str, ...]:
+    """The names of the params without a condition."""
+    return tuple(p.name for p in space.params if not _condition(p))

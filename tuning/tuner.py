@@ -35,15 +35,17 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from model.config import PROJECT_ROOT, TrainConfig
+from model.config import PROJECT_ROOT, FAERecConfig, TrainConfig
 from model.errors import ConfigError
+from model.methods import METHODS
 from model.train import load_inputs
 from model.urls import mask_text
 from tuning.cluster import check_cluster, start_ray
 from tuning.mo_asha import MultiObjectiveASHA
 from tuning.pareto import confirmation_candidates, losses, promotion_order
 from tuning.report import SearchRecord, frame_markdown, write_report
-from tuning.space import REFERENCES, SearchSpace, define_by_run, make_sampler, reference_config
+from tuning.space import (REFERENCES, SearchSpace, define_by_run, drawn_in_every_trial, make_sampler,
+                          methods_drawn, reference_config)
 from tuning.stats import paired_tests
 from tuning.trainable import RANKS_FILE, best_key, outcome, train_trial
 from tuning.tracking import MlflowCallback, sync_search, write_settings
@@ -275,7 +277,10 @@ def build_tuner(space: SearchSpace, inputs, resume: bool, callbacks=(),
     keys = objective_keys(space)
     columns = {"epoch": "epoch"}
     columns.update({key: key.removeprefix("best/val/") for key, _ in keys})  # one per objective
-    reporter = CLIReporter(parameter_columns=_searched_names(space), metric_columns=columns,
+    # Ray's "current best trial" line fails on a param its trial lacks: conditional ones left out
+    reporter = CLIReporter(parameter_columns=[n for n in _searched_names(space)
+                                              if n in drawn_in_every_trial(space)],
+                           metric_columns=columns,
                            max_report_frequency=30, sort_by_metric=len(keys) == 1)
     # Tune's own metric is one metric: with several objectives the searcher and MO-ASHA
     # carry them, and the summary ranks the trials by Pareto front.
@@ -471,9 +476,9 @@ def _fit_fixed(space: SearchSpace, inputs, stage: str, configs: list[dict], resu
 
 
 def _need_llm(space: SearchSpace) -> bool:
+    # the references include FAERec; otherwise the methods the search can draw decide
     return (space.references or space.confirm is not None
-            or space.fixed.get("method", "faerec") == "faerec"
-            or any(p.name in ("method", "ablation") for p in space.params))
+            or any(METHODS[m].needs_llm_table(FAERecConfig(method=m)) for m in methods_drawn(space)))
 
 
 def run(space: SearchSpace, resume: bool = False, address: str | None = None) -> SearchOutcome:
