@@ -72,6 +72,7 @@ class TrainBatches:
         users = [u for u, s in enumerate(data.sequences) if batch_all_users or trained(s) is not None]
         train = [trained(data.sequences[u]) for u in users]
         train = [x if x is not None else np.zeros(0, np.int64) for x in train]
+        self.users = np.asarray(users, dtype=np.int64)             # (U,) row -> index into data.sequences
         self.inputs = pad_left([x[:-1] for x in train], max_len)   # (U, L)
         self.targets = pad_left([x[1:] for x in train], max_len)   # (U, L)
         self.n_items = data.n_items
@@ -98,7 +99,8 @@ class TrainBatches:
             neg[todo] = self.rng.integers(1, self.n_items + 1, size=int(todo.sum()))
         return neg
 
-    def epoch(self, batch_size: int):
+    def epoch(self, batch_size: int, with_users: bool = False):
+        """(inputs, targets, negatives) batches, plus each row's user index with_users."""
         order = self.rng.permutation(len(self))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -106,7 +108,7 @@ class TrainBatches:
             if not targets.any():  # only padding rows (batch_all_users): no loss to take
                 continue
             negatives = self.sample_negatives(rows, targets.shape) * (targets > 0)
-            yield inputs, targets, negatives
+            yield (inputs, targets, negatives, self.users[rows]) if with_users else (inputs, targets, negatives)
 
 
 @dataclass
@@ -207,7 +209,8 @@ def train_step(model, optimizer, batch, epoch: int, autocast: bool = False) -> d
     """One optimiser step on (inputs, positives, negatives); returns the loss parts detached
     and still on the device, so that the step never waits for the device (no host sync)."""
     with torch.autocast(batch[0].device.type, dtype=torch.bfloat16, enabled=autocast):
-        parts = model.loss(*batch, epoch=epoch)
+        users = {"users": batch[3]} if len(batch) > 3 else {}  # for the methods that need to know the user
+        parts = model.loss(*batch[:3], epoch=epoch, **users)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
     optimizer.step()
@@ -242,7 +245,7 @@ def train_epoch(model, optimizer, batches: TrainBatches, batch_size: int, epoch:
     model.train()
     sums: dict[str, torch.Tensor] = {}
     steps = 0
-    for arrays in batches.epoch(batch_size):
+    for arrays in batches.epoch(batch_size, with_users=getattr(model, "needs_users", False)):
         batch = [torch.as_tensor(a, device=device) for a in arrays]
         # the curriculum's t counts completed epochs: the first epoch uses w1(0) = w_max
         parts = train_step(model, optimizer, batch, epoch - 1, autocast)
