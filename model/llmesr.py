@@ -21,17 +21,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.config import rule
+from model.config import check_fields, rule
 from model.data import SequenceData, pad_left
 from model.faerec import PreparedInput, SequentialRecommender, init_weights, padded_llm_table
 
 
 @dataclass(frozen=True)
-class LLMESRParams:
+class LLMESRConfig:
+    """Settings `llmesr.<field>`."""
     alpha: float = rule(0.1, ge=0)  # weight of the self-distillation loss (their --alpha 0.1)
-    sim_users: int = rule(10, ge=1)  # similar users averaged into the target (their --sim_user_num 10)
+    sim_users: int = rule(10, ge=1)  # similar users averaged into the target (their --sim_user_num 10);
+                                     # each costs one more (gradient-free) encoding per training row
     cross_attention: bool = True  # views read each other before the backbone (their --use_cross_att)
     pca_init: bool = True  # ID table from the PCA of the LLM table (their pca64_itm_emb_np)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def user_llm_representations(data: SequenceData, llm_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,9 +111,9 @@ class LLMESR(SequentialRecommender):
 
     needs_users = True
 
-    def __init__(self, cfg, params: LLMESRParams, n_items, llm_embeddings, user_history, similar, pca=None):
+    def __init__(self, cfg, n_items, llm_embeddings, user_history, similar, pca=None):
         super().__init__(cfg, n_items)
-        self.params = params
+        self.params = params = cfg.method_settings
         d = cfg.hidden_size
         self.register_buffer("llm_embedding", padded_llm_table(llm_embeddings, n_items), persistent=False)
         self.register_buffer("user_history", torch.as_tensor(user_history), persistent=False)
@@ -189,9 +194,9 @@ class LLMESR(SequentialRecommender):
         return {"loss": rec + self.params.alpha * distill, "rec": rec, "distill": distill}
 
 
-def build_llmesr(cfg, params: LLMESRParams, data: SequenceData, llm_embeddings, pca=None) -> LLMESR:
-    """LLM-ESR on `data`: similar users retrieved from training interactions only."""
+def build_llmesr(cfg, n_items, llm_embeddings, pca, popularity, data: SequenceData) -> LLMESR:
+    """LLM-ESR on `data` (the registry's builder): similar users from training interactions only."""
     reps, has_history = user_llm_representations(data, np.asarray(llm_embeddings, dtype=np.float32))
-    similar = similar_users(reps, has_history, params.sim_users)
+    similar = similar_users(reps, has_history, cfg.method_settings.sim_users)
     history = pad_left([seq[:-2] for seq in data.sequences], cfg.max_len)
-    return LLMESR(cfg, params, data.n_items, llm_embeddings, history, similar, pca)
+    return LLMESR(cfg, n_items, llm_embeddings, history, similar, pca)

@@ -236,7 +236,7 @@ def build(inputs: Inputs, model_cfg: FAERecConfig, device: torch.device,
     if method.needs_pca(model_cfg):
         pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size, cache_dir))
     popularity = torch.tensor(inputs.data.train_popularity)
-    return build_model(model_cfg, inputs.data.n_items, llm, pca, popularity).to(device)
+    return build_model(model_cfg, inputs.data.n_items, llm, pca, popularity, inputs.data).to(device)
 
 
 def train_epoch(model, optimizer, batches: TrainBatches, batch_size: int, epoch: int,

@@ -7,8 +7,9 @@ import torch
 
 from model.config import FAERecConfig, TrainConfig
 from model.data import SequenceData
-from model.llmesr import (CrossViewAttention, LLMESRParams, build_llmesr, self_distillation_loss, similar_users,
+from model.llmesr import (CrossViewAttention, LLMESRConfig, self_distillation_loss, similar_users,
                           user_llm_representations)
+from model.methods import build_model
 from model.train import TrainBatches, make_optimizer, train_step
 
 N_ITEMS, D, D_LLM, L = 30, 16, 24, 8
@@ -79,16 +80,18 @@ def test_cross_attention_is_causal_and_blind_to_padding():
     assert torch.isfinite(out).all()
 
 
-def tiny_setup(seed=0, sim_users=2, cross_attention=True, **cfg):
+def llmesr(data, llm, sim_users, cross_attention=True, **cfg):
+    config = FAERecConfig(**{"method": "llmesr", "hidden_size": D, "max_len": L, **cfg,
+                             "method_settings": LLMESRConfig(sim_users=sim_users, cross_attention=cross_attention)})
+    torch.manual_seed(0)
+    return build_model(config, N_ITEMS, llm, pca_of(llm, D), data.train_popularity, data)
+
+
+def tiny_setup(seed=0, **cfg):
     rng = np.random.default_rng(seed)
     sequences = [rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 12)) for _ in range(12)]
     data = sequence_data(sequences)
-    llm = rng.normal(size=(N_ITEMS, D_LLM)).astype(np.float32)
-    config = FAERecConfig(**{"method": "base", "hidden_size": D, "max_len": L, **cfg})
-    torch.manual_seed(seed)
-    model = build_llmesr(config, LLMESRParams(sim_users=sim_users, cross_attention=cross_attention), data, llm,
-                         pca_of(llm, D))
-    return data, model
+    return data, llmesr(data, rng.normal(size=(N_ITEMS, D_LLM)).astype(np.float32), sim_users=2, **cfg)
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "lrurec"])
@@ -138,10 +141,7 @@ def test_overfits_a_tiny_deterministic_dataset(cross_attention):
         sequences.append(seq)
     data = sequence_data(sequences)
     llm = rng.normal(size=(N_ITEMS, D_LLM)).astype(np.float32)
-    config = FAERecConfig(method="base", hidden_size=D, max_len=L, dropout=0.1)
-    torch.manual_seed(0)
-    model = build_llmesr(config, LLMESRParams(sim_users=3, cross_attention=cross_attention), data, llm,
-                         pca_of(llm, D))
+    model = llmesr(data, llm, sim_users=3, cross_attention=cross_attention, dropout=0.1)
     batches = TrainBatches(data, L, np.random.default_rng(0))
     optimizer = make_optimizer(model, TrainConfig(lr=5e-3))
     histories = torch.as_tensor(np.array([s[:-1][-L:] for s in sequences]))
