@@ -21,6 +21,7 @@ from model.faerec import FAERec, SequentialRecommender
 from model.llminit import LLMInit
 from model.llmesr import LLMESRConfig, build_llmesr
 from model.rlmrec import RLMRecCon, RLMRecConConfig, RLMRecGen, RLMRecGenConfig
+from model.cities import CITIESConfig, build_cities
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ METHODS: dict[str, Method] = {
     "llmesr": Method(build_llmesr, "LLM-ESR: ID view + adapted frozen-LLM view through the backbone, "
                                    "self-distillation from similar users", settings=LLMESRConfig,
                      needs_llm=True, needs_pca=lambda cfg: cfg.method_settings.pca_init, needs_data=True),
+    "cities": Method(build_cities, "CITIES: the backbone, then tail-item embeddings inferred from their contexts "
+                                   "by a function trained on head items", settings=CITIESConfig, needs_data=True),
 }
 METHOD_SETTINGS.update({name: m.settings for name, m in METHODS.items()})  # model.config validates them
 
