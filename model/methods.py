@@ -22,6 +22,7 @@ from model.llminit import LLMInit
 from model.llmesr import LLMESRConfig, build_llmesr
 from model.rlmrec import RLMRecCon, RLMRecConConfig, RLMRecGen, RLMRecGenConfig
 from model.cities import CITIESConfig, build_cities
+from model.melt import MELTConfig, build_melt
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ METHODS: dict[str, Method] = {
                      needs_llm=True, needs_pca=lambda cfg: cfg.method_settings.pca_init, needs_data=True),
     "cities": Method(build_cities, "CITIES: the backbone, then tail-item embeddings inferred from their contexts "
                                    "by a function trained on head items", settings=CITIESConfig, needs_data=True),
+    "melt": Method(build_melt, "MELT: user and item branches (W_U, W_I) transfer from head to tail users "
+                               "and items, curriculum-weighted", settings=MELTConfig, needs_data=True),
 }
 METHOD_SETTINGS.update({name: m.settings for name, m in METHODS.items()})  # model.config validates them
 

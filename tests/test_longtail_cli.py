@@ -14,10 +14,11 @@ from model.train import fit, load_inputs, main
 SMALL = {"hidden_size": 16, "max_len": 10, "num_layers": 1, "num_threads": 1, "batch_size": 16}
 OWN = {"llmesr": {"llmesr.sim_users": 3},
        # stage 2 from the second epoch; 23 of tiny.txt's 40 items have <= 12 training interactions
-       "cities": {"cities.pretrain_epochs": 1, "cities.tail_max_count": 12, "cities.window": 4}}
+       "cities": {"cities.pretrain_epochs": 1, "cities.tail_max_count": 12, "cities.window": 4},
+       "melt": {"melt.pretrain_epochs": 1}}
 
 
-@pytest.mark.parametrize("method", ["llmesr", "cities"])
+@pytest.mark.parametrize("method", ["llmesr", "cities", "melt"])
 def test_trains_end_to_end_from_the_command_line(method, tmp_path, tiny_dataset, capsys):
     path, emb = tiny_dataset
     yaml_path = tmp_path / "tiny.yaml"
@@ -32,6 +33,8 @@ def test_trains_end_to_end_from_the_command_line(method, tmp_path, tiny_dataset,
     inputs = load_inputs(DatasetConfig(format="faerec", interactions=str(path), embeddings=str(emb),
                                        cache_dir=str(tmp_path / "cache")),
                          EmbeddingConfig(encoder="npy", path=str(emb), cache_dir=str(tmp_path / "cache")))
+    if method == "melt":  # its tail-item overwrite before every epoch makes the BCE jump each
+        return            # time (README, MELT); tests/test_melt.py shows its loss falling on a walk
     history = fit(inputs, *settings_from_dict({"method": method, **settings, "epochs": 8}, "test")).history
     first = 1 if method == "cities" else 0  # CITIES' loss is the inference MSE from its stage 2 on
     assert history[-1]["train/loss"] < history[first]["train/loss"]
