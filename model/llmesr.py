@@ -120,9 +120,9 @@ class LLMESR(SequentialRecommender):
         self.register_buffer("similar", torch.as_tensor(similar), persistent=False)
         d_llm = self.llm_embedding.size(1)
         self.adapter = nn.Sequential(nn.Linear(d_llm, d_llm // 2), nn.Linear(d_llm // 2, d))  # theirs: two linears, no activation
-        self.id_reads_llm = CrossViewAttention(d) if params.cross_attention else None
-        self.llm_reads_id = CrossViewAttention(d) if params.cross_attention else None
-        for module in (self.adapter, self.id_reads_llm, self.llm_reads_id):
+        self.llm_to_id = CrossViewAttention(d) if params.cross_attention else None
+        self.id_to_llm = CrossViewAttention(d) if params.cross_attention else None
+        for module in (self.adapter, self.llm_to_id, self.id_to_llm):
             if module is not None:
                 module.apply(init_weights)
         if params.cross_attention:
@@ -146,9 +146,9 @@ class LLMESR(SequentialRecommender):
         """Both views of the sequences (B, L, d) through the shared backbone, concatenated:
         (B, L, 2d), or (B, 2d) at the most recent position with last_only."""
         mask = input_ids != 0
-        if self.id_reads_llm is not None:  # their llm2id / id2llm: each view becomes what it reads
+        if self.llm_to_id is not None:  # their llm2id / id2llm: queries from one view, keys and values from the other
             e_id, e_llm = self.sequence_input(e_id, mask), self.sequence_input(e_llm, mask)
-            e_id, e_llm = self.id_reads_llm(e_llm, e_id, mask), self.llm_reads_id(e_id, e_llm, mask)
+            e_id, e_llm = self.llm_to_id(e_llm, e_id, mask), self.id_to_llm(e_id, e_llm, mask)
         return torch.cat([self.backbone(e_id, mask, last_only=last_only),
                           self.backbone(e_llm, mask, last_only=last_only)], dim=-1)
 
