@@ -161,12 +161,11 @@ class MELT(SequentialRecommender):
 
     def item_branch_loss(self, items, epoch):
         """Head items: W_I(mean over a few contexts of r + W_U(r)) vs the item's embedding."""
-        cap = self.params.max_contexts or None
         picks, owner = [], []
         for j, item in enumerate(items):
             n = int(self.contexts.count(item))
-            k = int(torch.randint(1, int(min(n, self.item_threshold)) + 1, ()))  # theirs: 1..min(n, thr)
-            picks.append(self.draw_contexts(item, min(k, cap or k)))
+            k = int(torch.randint(1, max(1, int(min(n, self.item_threshold))) + 1, ()))  # theirs: 1..min(n, thr)
+            picks.append(self.draw_contexts(item, min(k, self.params.max_contexts or k)))
             owner.append(np.full(len(picks[-1]), j))
         device = self.id_embedding.weight.device
         r = self.encode(torch.as_tensor(self.contexts.sequences(np.concatenate(picks)), device=device))
