@@ -17,12 +17,12 @@ from typing import Callable
 
 from model.config import METHOD_SETTINGS, FAERecConfig
 from model.alphafuse import AlphaFuse, AlphaFuseConfig
-from model.faerec import FAERec, SequentialRecommender
-from model.llminit import LLMInit
-from model.llmesr import LLMESRConfig, build_llmesr
-from model.rlmrec import RLMRecCon, RLMRecConConfig, RLMRecGen, RLMRecGenConfig
 from model.cities import CITIESConfig, build_cities
+from model.faerec import FAERec, SequentialRecommender
+from model.llmesr import LLMESRConfig, build_llmesr
+from model.llminit import LLMInit
 from model.melt import MELTConfig, build_melt
+from model.rlmrec import RLMRecCon, RLMRecConConfig, RLMRecGen, RLMRecGenConfig
 
 
 @dataclass(frozen=True)
