@@ -199,14 +199,17 @@ class SequentialRecommender(nn.Module):
         rec = self.rec_loss(input_ids, pos_ids, e(input_ids), e(pos_ids), e(neg_ids))
         return {"loss": rec, "rec": rec}
 
+    def user_representation(self, input_ids, seq):
+        """(B, L) ids and their (B, L, d) embeddings -> (B, d): the backbone at the most recent position."""
+        return self.backbone(seq, input_ids != 0, last_only=True)
+
     def score_all(self, input_ids, items=None, table=None):
         """Scores (B, n_items + 1) of every item after each sequence; column 0 (padding) is -inf.
 
         items, table: `item_tables()`'s scoring matrix and input table, when the caller has them."""
         items = self.scoring_items() if items is None else items
         seq = self.sequence_embeddings(input_ids) if table is None else table[input_ids]  # (B, L, d)
-        h = self.backbone(seq, input_ids != 0, last_only=True)  # (B, d), most recent position
-        scores = h @ items.T  # (B, n_items + 1)
+        scores = self.user_representation(input_ids, seq) @ items.T  # (B, n_items + 1)
         scores[:, 0] = -torch.inf
         return scores
 

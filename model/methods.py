@@ -17,8 +17,11 @@ from typing import Callable
 
 from model.config import METHOD_SETTINGS, FAERecConfig
 from model.alphafuse import AlphaFuse, AlphaFuseConfig
+from model.cities import CITIESConfig, build_cities
 from model.faerec import FAERec, SequentialRecommender
+from model.llmesr import LLMESRConfig, build_llmesr
 from model.llminit import LLMInit
+from model.melt import MELTConfig, build_melt
 from model.rlmrec import RLMRecCon, RLMRecConConfig, RLMRecGen, RLMRecGenConfig
 
 
@@ -30,6 +33,7 @@ class Method:
     settings: type | None = None               # its own settings dataclass, "<method>.<field>"
     needs_llm: bool = False                    # the model reads the LLM item table
     needs_pca: Callable[[FAERecConfig], bool] = lambda cfg: False  # ...the table reduced to d by PCA
+    needs_data: bool = False                   # build also gets the SequenceData (training sequences)
 
     def needs_llm_table(self, cfg: FAERecConfig) -> bool:
         return self.needs_llm or self.needs_pca(cfg)
@@ -52,14 +56,26 @@ METHODS: dict[str, Method] = {
     "rlmrec_gen": Method(lambda cfg, n_items, llm, *_: RLMRecGen(cfg, n_items, llm),
                          "BCE + masked positions' outputs mapped up must pick out their items' LLM embeddings",
                          settings=RLMRecGenConfig, needs_llm=True),
+    "llmesr": Method(build_llmesr, "LLM-ESR: ID view + adapted frozen-LLM view through the backbone, "
+                                   "self-distillation from similar users", settings=LLMESRConfig,
+                     needs_llm=True, needs_pca=lambda cfg: cfg.method_settings.pca_init, needs_data=True),
+    "cities": Method(build_cities, "CITIES: the backbone, then tail-item embeddings inferred from their contexts "
+                                   "by a function trained on head items", settings=CITIESConfig, needs_data=True),
+    "melt": Method(build_melt, "MELT: user and item branches (W_U, W_I) transfer from head to tail users "
+                               "and items, curriculum-weighted", settings=MELTConfig, needs_data=True),
 }
 METHOD_SETTINGS.update({name: m.settings for name, m in METHODS.items()})  # model.config validates them
 
 
-def build_model(cfg: FAERecConfig, n_items: int, llm_embeddings=None, pca=None, train_popularity=None):
+def build_model(cfg: FAERecConfig, n_items: int, llm_embeddings=None, pca=None, train_popularity=None,
+                data=None):
     """The model `cfg.method` names. llm_embeddings (n_items, d_llm), pca (n_items, d),
-    train_popularity (n_items + 1,): each needed only by the methods that read it."""
+    train_popularity (n_items + 1,), data (SequenceData): each needed only by the methods that read it."""
     method = METHODS[cfg.method]
     if method.needs_llm and llm_embeddings is None:
         raise ValueError(f"method {cfg.method!r} needs llm_embeddings")
+    if method.needs_data:
+        if data is None:
+            raise ValueError(f"method {cfg.method!r} needs the training sequences (data)")
+        return method.build(cfg, n_items, llm_embeddings, pca, train_popularity, data)
     return method.build(cfg, n_items, llm_embeddings, pca, train_popularity)

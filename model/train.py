@@ -76,6 +76,7 @@ class TrainBatches:
         users = [u for u, s in enumerate(data.sequences) if batch_all_users or trained(s) is not None]
         train = [trained(data.sequences[u]) for u in users]
         train = [x if x is not None else np.zeros(0, np.int64) for x in train]
+        self.users = np.asarray(users, dtype=np.int64)             # (U,) row -> index into data.sequences
         self.inputs = pad_left([x[:-1] for x in train], max_len)   # (U, L)
         self.targets = pad_left([x[1:] for x in train], max_len)   # (U, L)
         self.n_items = data.n_items
@@ -89,6 +90,7 @@ class TrainBatches:
         if device is not None:
             self.on_device = {"inputs": torch.as_tensor(self.inputs, device=device),
                               "targets": torch.as_tensor(self.targets, device=device),
+                              "users": torch.as_tensor(self.users, device=device),
                               **unseen_tables(self.seen_keys, len(users), data.n_items, device)}
             self.has_target = self.targets.any(1)  # host copy: empty batches skipped without a sync
             self.generator = torch.Generator(device)
@@ -118,9 +120,10 @@ class TrainBatches:
         keys = rows[:, None] * (self.n_items + 1) + r + 1
         return r + 1 + torch.searchsorted(t["shifted"], keys, right=True) - t["starts"][rows, None]
 
-    def epoch(self, batch_size: int):
+    def epoch(self, batch_size: int, with_users: bool = False):
+        """(inputs, targets, negatives) batches, plus each row's user index with_users."""
         if self.device is not None:
-            yield from self.epoch_on_device(batch_size)
+            yield from self.epoch_on_device(batch_size, with_users)
             return
         order = self.rng.permutation(len(self))
         for start in range(0, len(order), batch_size):
@@ -129,9 +132,9 @@ class TrainBatches:
             if not targets.any():  # only padding rows (batch_all_users): no loss to take
                 continue
             negatives = self.sample_negatives(rows, targets.shape) * (targets > 0)
-            yield inputs, targets, negatives
+            yield (inputs, targets, negatives, self.users[rows]) if with_users else (inputs, targets, negatives)
 
-    def epoch_on_device(self, batch_size: int):
+    def epoch_on_device(self, batch_size: int, with_users: bool = False):
         order = self.rng.permutation(len(self))
         self.generator.manual_seed(int(self.rng.integers(2**63)))  # from rng: a resumed run draws the same
         on_device = torch.as_tensor(order, device=self.device)  # one copy per epoch
@@ -141,7 +144,8 @@ class TrainBatches:
             rows = on_device[start:start + batch_size]
             inputs, targets = self.on_device["inputs"][rows], self.on_device["targets"][rows]
             negatives = self.sample_negatives_on_device(rows, tuple(targets.shape)) * (targets > 0)
-            yield inputs, targets, negatives
+            yield ((inputs, targets, negatives, self.on_device["users"][rows]) if with_users
+                   else (inputs, targets, negatives))
 
 
 def unseen_tables(seen_keys: np.ndarray, n_rows: int, n_items: int, device) -> dict[str, torch.Tensor]:
@@ -256,7 +260,8 @@ def train_step(model, optimizer, batch, epoch: int, autocast: bool = False) -> d
     """One optimiser step on (inputs, positives, negatives); returns the loss parts detached
     and still on the device, so that the step never waits for the device (no host sync)."""
     with torch.autocast(batch[0].device.type, dtype=torch.bfloat16, enabled=autocast):
-        parts = model.loss(*batch, epoch=epoch)
+        users = {"users": batch[3]} if len(batch) > 3 else {}  # for the methods that need to know the user
+        parts = model.loss(*batch[:3], epoch=epoch, **users)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
     optimizer.step()
@@ -282,7 +287,7 @@ def build(inputs: Inputs, model_cfg: FAERecConfig, device: torch.device,
     if method.needs_pca(model_cfg):
         pca = torch.as_tensor(pca_embeddings(inputs.llm_embeddings, model_cfg.hidden_size, cache_dir))
     popularity = torch.tensor(inputs.data.train_popularity)
-    return build_model(model_cfg, inputs.data.n_items, llm, pca, popularity).to(device)
+    return build_model(model_cfg, inputs.data.n_items, llm, pca, popularity, inputs.data).to(device)
 
 
 def train_epoch(model, optimizer, batches: TrainBatches, batch_size: int, epoch: int,
@@ -291,7 +296,7 @@ def train_epoch(model, optimizer, batches: TrainBatches, batch_size: int, epoch:
     model.train()
     sums: dict[str, torch.Tensor] = {}
     steps = 0
-    for arrays in batches.epoch(batch_size):
+    for arrays in batches.epoch(batch_size, with_users=getattr(model, "needs_users", False)):
         batch = [torch.as_tensor(a, device=device) for a in arrays]
         # the curriculum's t counts completed epochs: the first epoch uses w1(0) = w_max
         parts = train_step(model, optimizer, batch, epoch - 1, autocast)
