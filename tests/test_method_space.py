@@ -25,7 +25,8 @@ METHODS_YAML = PROJECT_ROOT / "search_spaces" / "methods.yaml"
 OWN = {"faerec": {"alpha", "lambda", "tau"}, "base": set(), "llminit": set(),
        "alphafuse": {"alphafuse.null_dim", "alphafuse.id_init"},
        "rlmrec_con": {"rlmrec_con.weight", "rlmrec_con.tau"},
-       "rlmrec_gen": {"rlmrec_gen.weight", "rlmrec_gen.tau", "rlmrec_gen.mask_ratio"}}
+       "rlmrec_gen": {"rlmrec_gen.weight", "rlmrec_gen.tau", "rlmrec_gen.mask_ratio"},
+       "llmesr": set(), "cities": set(), "melt": set()}
 
 
 def sampled(space, n, sampler=None):
@@ -41,7 +42,7 @@ def sampled(space, n, sampler=None):
 
 def test_each_method_gets_its_own_params_in_its_own_trials():
     space = load_space(METHODS_YAML)
-    _, configs = sampled(space, 48)
+    _, configs = sampled(space, 72)
     assert Counter(c["method"] for c in configs) == {m: 8 for m in OWN}
     every_own = set().union(*OWN.values())
     for config in configs:
@@ -55,7 +56,7 @@ def test_tpe_is_grouped_one_model_per_method(caplog):
     """Optuna names each method's draws apart; with group=True the last trial of every method
     is sampled from a joint model of all its params; without it (the check can fail) the
     conditional params fall back to independent sampling."""
-    space = load_space(METHODS_YAML, overrides={"num_samples": 96})
+    space = load_space(METHODS_YAML, overrides={"num_samples": 90})
     assert make_sampler(space)._group and make_sampler(space)._multivariate
 
     def run_with(group):
@@ -67,7 +68,7 @@ def test_tpe_is_grouped_one_model_per_method(caplog):
         optuna.logging.enable_propagation()
         try:
             with caplog.at_level(logging.WARNING, logger="optuna"):
-                study, _ = sampled(space, 96, sampler)
+                study, _ = sampled(space, 90, sampler)
         finally:
             optuna.logging.disable_propagation()
         warned = [r.getMessage() for r in caplog.records if "sampled independently" in r.getMessage()]
