@@ -6,6 +6,26 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
+
+from model.data import SequenceData
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second thread only adds contention on a shared 2-core machine (10x slower).
+    Modules of tiny-model tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sequence_data(sequences, n_items):
+    """A SequenceData of the given item lists (users and items named by their index)."""
+    sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
+    return SequenceData("tiny", n_items, sequences, np.array([str(u) for u in range(len(sequences))]),
+                        np.array([str(i) for i in range(1, n_items + 1)]), None, None)
 
 
 def write_faerec_dataset(folder, n_users=60, n_items=40, emb_dim=24, seed=0):

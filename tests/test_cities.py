@@ -7,30 +7,18 @@ import torch
 
 from model.cities import CITIESConfig, EmbeddingInference, ItemContexts, inference_loss
 from model.config import FAERecConfig
-from model.data import SequenceData
 from model.faerec import SequentialRecommender
 from model.methods import build_model
 
+from conftest import sequence_data
+
 N_ITEMS, D, L = 12, 16, 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sequence_data(sequences, n_items=N_ITEMS):
-    sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
-    return SequenceData("tiny", n_items, sequences, np.array([str(u) for u in range(len(sequences))]),
-                        np.array([str(i) for i in range(1, n_items + 1)]), None, None)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_contexts_against_a_loop_over_the_training_sequences():
     rng = np.random.default_rng(0)
-    data = sequence_data([rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 11)) for _ in range(9)])
+    data = sequence_data([rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 11)) for _ in range(9)], N_ITEMS)
     w = 2
     expected = {i: [] for i in range(1, N_ITEMS + 1)}
     for seq in data.sequences:
@@ -80,7 +68,7 @@ def walk_data(n_users=24, length=L + 3, seed=0):
         for _ in range(length - 1):
             seq.append(int(following[seq[-1] - 1]))
         sequences.append(seq)
-    return sequence_data(sequences)
+    return sequence_data(sequences, N_ITEMS)
 
 
 def cities_model(data, **settings):

@@ -13,15 +13,7 @@ from model.faerec import (CurriculumSchedule, FAERecConfig, GatingFusion, featur
 from model.methods import build_model
 
 N_ITEMS, D, D_LLM, L = 30, 16, 24, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on a shared 2-core machine (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides):

@@ -6,27 +6,15 @@ import pytest
 import torch
 
 from model.config import FAERecConfig, TrainConfig
-from model.data import SequenceData
 from model.llmesr import (CrossViewAttention, LLMESRConfig, self_distillation_loss, similar_users,
                           user_llm_representations)
 from model.methods import build_model
 from model.train import TrainBatches, make_optimizer, train_step
 
+from conftest import sequence_data
+
 N_ITEMS, D, D_LLM, L = 30, 16, 24, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sequence_data(sequences, n_items=N_ITEMS):
-    sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
-    return SequenceData("tiny", n_items, sequences, np.array([str(u) for u in range(len(sequences))]),
-                        np.array([str(i) for i in range(1, n_items + 1)]), None, None)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pca_of(llm, d):
@@ -90,7 +78,7 @@ def llmesr(data, llm, sim_users, cross_attention=True, **cfg):
 def tiny_setup(seed=0, **cfg):
     rng = np.random.default_rng(seed)
     sequences = [rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 12)) for _ in range(12)]
-    data = sequence_data(sequences)
+    data = sequence_data(sequences, N_ITEMS)
     return data, llmesr(data, rng.normal(size=(N_ITEMS, D_LLM)).astype(np.float32), sim_users=2, **cfg)
 
 
@@ -139,7 +127,7 @@ def test_overfits_a_tiny_deterministic_dataset(cross_attention):
         for _ in range(L + 2):
             seq.append(int(following[seq[-1] - 1]))
         sequences.append(seq)
-    data = sequence_data(sequences)
+    data = sequence_data(sequences, N_ITEMS)
     llm = rng.normal(size=(N_ITEMS, D_LLM)).astype(np.float32)
     model = llmesr(data, llm, sim_users=3, cross_attention=cross_attention, dropout=0.1)
     batches = TrainBatches(data, L, np.random.default_rng(0))

@@ -9,32 +9,20 @@ import pytest
 import torch
 
 from model.config import FAERecConfig, TrainConfig
-from model.data import SequenceData
 from model.faerec import SequentialRecommender
 from model.melt import Contexts, MELTConfig, branch_loss, head_tail_split, item_weight, user_weight
 from model.methods import build_model
 from model.train import TrainBatches, make_optimizer, train_step
 
+from conftest import sequence_data
+
 N_ITEMS, D, L = 12, 16, 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sequence_data(sequences, n_items=N_ITEMS):
-    sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
-    return SequenceData("tiny", n_items, sequences, np.array([str(u) for u in range(len(sequences))]),
-                        np.array([str(i) for i in range(1, n_items + 1)]), None, None)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_data(n_users=10, seed=0):
     rng = np.random.default_rng(seed)
-    return sequence_data([rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 14)) for _ in range(n_users)])
+    return sequence_data([rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 14)) for _ in range(n_users)], N_ITEMS)
 
 
 def their_contexts(train, maxlen):
@@ -188,7 +176,7 @@ def test_overfits_a_tiny_deterministic_dataset():
         for _ in range(int(rng.integers(L, L + 6))):
             seq.append(int(following[seq[-1] - 1]))
         sequences.append(seq)
-    data = sequence_data(sequences)
+    data = sequence_data(sequences, N_ITEMS)
     cfg = FAERecConfig(method="melt", hidden_size=D, max_len=L, dropout=0.1,
                        method_settings=MELTConfig(pareto=0.5, pretrain_epochs=5, e_max=40))
     torch.manual_seed(0)

@@ -19,15 +19,8 @@ from model.data import DatasetConfig
 from model.text import EmbeddingConfig
 
 N_ITEMS, D, D_LLM, L = 30, 16, 24, 8
+pytestmark = pytest.mark.usefixtures("one_thread")
 OURS = ("llminit", "alphafuse", "rlmrec_con", "rlmrec_gen")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(method, **settings):
