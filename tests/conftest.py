@@ -28,6 +28,15 @@ def sequence_data(sequences, n_items):
                         np.array([str(i) for i in range(1, n_items + 1)]), None, None)
 
 
+def hit_rate(model, histories, targets, k=5):
+    """Share of rows whose target the model ranks in its top k (the model goes back to train mode)."""
+    model.eval()
+    with torch.no_grad():
+        scores = model.score_all(histories)
+    model.train()
+    return ((scores > scores.gather(1, targets.view(-1, 1))).sum(1) < k).float().mean().item()
+
+
 def write_faerec_dataset(folder, n_users=60, n_items=40, emb_dim=24, seed=0):
     """A small dataset in the paper's `uid i1 i2 ...` format with learnable structure:
     each user walks a cycle of items with an occasional random jump. Returns the paths
