@@ -168,6 +168,16 @@ class SequentialRecommender(nn.Module):
                                                                 BACKBONE_SETTINGS.get(cfg.backbone, ())})
         self.apply(init_weights)
 
+    def start_from_pca(self, pca, who: str):
+        """The ID table starts from the LLM table reduced to d by PCA (sec. 4.1's balanced start)."""
+        n_items, d = self.id_embedding.num_embeddings - 1, self.id_embedding.embedding_dim
+        pca = torch.as_tensor(pca, dtype=torch.float32) if pca is not None else None
+        if pca is None or pca.shape != (n_items, d):
+            raise ValueError(f"{who} needs a PCA table of shape (n_items={n_items}, d={d}), got "
+                             f"{None if pca is None else tuple(pca.shape)}")
+        with torch.no_grad():
+            self.id_embedding.weight[1:] = pca  # row 0 stays the zero padding row
+
     def sequence_embeddings(self, input_ids):
         """The backbone's input: (B, L) ids -> (B, L, d)."""
         return self.id_embedding(input_ids)
@@ -240,12 +250,7 @@ class FAERec(SequentialRecommender):
         if self.fusion is not None:
             self.fusion.apply(init_weights)
         if cfg.pca_init:
-            pca = torch.as_tensor(pca, dtype=torch.float32) if pca is not None else None
-            if pca is None or pca.shape != (n_items, d):
-                raise ValueError(f"pca_init needs a PCA table of shape (n_items={n_items}, d={d}), got "
-                                 f"{None if pca is None else tuple(pca.shape)}")
-            with torch.no_grad():
-                self.id_embedding.weight[1:] = pca
+            self.start_from_pca(pca, "pca_init")
         self.curriculum = CurriculumSchedule(cfg.w_max, cfg.w_min, cfg.period, cfg.curriculum)
         if cfg.input_path == "code":
             # The authors' layout (their models.py 32-50): the input layer's position embedding

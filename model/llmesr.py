@@ -131,12 +131,7 @@ class LLMESR(SequentialRecommender):
             self.sequence_input = self.backbone.input
             self.backbone.input = PreparedInput(cfg.max_len)
         if params.pca_init:
-            pca = torch.as_tensor(pca, dtype=torch.float32) if pca is not None else None
-            if pca is None or pca.shape != (n_items, d):
-                raise ValueError(f"llmesr pca_init needs a PCA table of shape (n_items={n_items}, d={d}), got "
-                                 f"{None if pca is None else tuple(pca.shape)}")
-            with torch.no_grad():
-                self.id_embedding.weight[1:] = pca
+            self.start_from_pca(pca, "llmesr pca_init")
 
     def item_views(self, ids):
         """(K,) ids -> ID embeddings and adapted LLM embeddings, (K, d) each."""
