@@ -37,6 +37,34 @@ def hit_rate(model, histories, targets, k=5):
     return ((scores > scores.gather(1, targets.view(-1, 1))).sum(1) < k).float().mean().item()
 
 
+def deterministic_sequences(n_items, length, n_users=20, seed=0):
+    """Every user follows one fixed item permutation: the next item is a function of the current one."""
+    g = torch.Generator().manual_seed(seed)
+    following = torch.randperm(n_items, generator=g) + 1  # following[i - 1] comes after item i
+    seqs = [torch.randint(1, n_items + 1, (n_users,), generator=g)]
+    for _ in range(length - 1):
+        seqs.append(following[seqs[-1] - 1])
+    return torch.stack(seqs, dim=1)  # (n_users, length)
+
+
+def fit_sequences(model, seqs, n_items, steps=200, seed=1):
+    """Adam on every position of `seqs` with fresh negatives outside each sequence; the losses."""
+    inputs, positives = seqs[:, :-1], seqs[:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(steps):
+        negatives = torch.randint(1, n_items + 1, positives.shape, generator=g)
+        clash = (negatives[:, :, None] == seqs[:, None, :]).any(-1)
+        negatives[clash] = torch.randint(1, n_items + 1, (int(clash.sum()),), generator=g)
+        loss = model.loss(inputs, positives, negatives, epoch=step // 20)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def write_faerec_dataset(folder, n_users=60, n_items=40, emb_dim=24, seed=0):
     """A small dataset in the paper's `uid i1 i2 ...` format with learnable structure:
     each user walks a cycle of items with an occasional random jump. Returns the paths

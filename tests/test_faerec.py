@@ -12,7 +12,7 @@ from model.faerec import (CurriculumSchedule, FAERecConfig, GatingFusion, featur
                           item_alignment_loss)
 from model.methods import build_model
 
-from conftest import hit_rate
+from conftest import deterministic_sequences, fit_sequences, hit_rate
 
 N_ITEMS, D, D_LLM, L = 30, 16, 24, 8
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -329,36 +329,14 @@ def test_build_model_needs_its_inputs():
 # ------------------------------------------------------------------ it learns
 
 
-def deterministic_sequences(n_users=20, length=L + 1, seed=0):
-    """Every user follows one fixed item permutation: the next item is a function of the current one."""
-    g = torch.Generator().manual_seed(seed)
-    following = torch.randperm(N_ITEMS, generator=g) + 1  # following[i - 1] comes after item i
-    start = torch.randint(1, N_ITEMS + 1, (n_users,), generator=g)
-    seqs = [start]
-    for _ in range(length - 1):
-        seqs.append(following[seqs[-1] - 1])
-    return torch.stack(seqs, dim=1)  # (U, length), L = length - 1 = max_len
-
-
 @pytest.mark.parametrize("backbone", ["sasrec", "fmlprec", "lrurec"])
 @pytest.mark.parametrize("method", ["base", "faerec"])
 def test_overfits_a_tiny_deterministic_dataset(method, backbone):
-    seqs = deterministic_sequences()
-    inputs, positives = seqs[:, :-1], seqs[:, 1:]
+    seqs = deterministic_sequences(N_ITEMS, L + 1)
     model = tiny_model(method=method, backbone=backbone, dropout=0.1, proj_dropout=0.1)
-
-    assert hit_rate(model, inputs, seqs[:, -1]) <= 0.5
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    g = torch.Generator().manual_seed(1)
-    for step in range(200):
-        negatives = torch.randint(1, N_ITEMS + 1, positives.shape, generator=g)
-        clash = (negatives[:, :, None] == seqs[:, None, :]).any(-1)
-        negatives[clash] = torch.randint(1, N_ITEMS + 1, (int(clash.sum()),), generator=g)
-        loss = model.loss(inputs, positives, negatives, epoch=step // 20)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert hit_rate(model, inputs, seqs[:, -1]) >= 0.9
+    assert hit_rate(model, seqs[:, :-1], seqs[:, -1]) <= 0.5
+    fit_sequences(model, seqs, N_ITEMS)
+    assert hit_rate(model, seqs[:, :-1], seqs[:, -1]) >= 0.9
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "lrurec"])

@@ -18,7 +18,7 @@ from model.train import fit, load_inputs, main
 from model.data import DatasetConfig
 from model.text import EmbeddingConfig
 
-from conftest import hit_rate
+from conftest import deterministic_sequences, fit_sequences, hit_rate
 
 N_ITEMS, D, D_LLM, L = 30, 16, 24, 8
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,29 +203,12 @@ def test_llminit_starts_from_the_pca_table():
 
 @pytest.mark.parametrize("method", OURS)
 def test_overfits_a_tiny_deterministic_dataset(method):
-    g = torch.Generator().manual_seed(0)
-    following = torch.randperm(N_ITEMS, generator=g) + 1  # the next item is a function of the current one
-    seqs = [torch.randint(1, N_ITEMS + 1, (20,), generator=g)]
-    for _ in range(L):
-        seqs.append(following[seqs[-1] - 1])
-    seqs = torch.stack(seqs, dim=1)  # (20, L + 1)
-    inputs, positives = seqs[:, :-1], seqs[:, 1:]
+    seqs = deterministic_sequences(N_ITEMS, L + 1)
     model = tiny_model(method, dropout=0.1)
-
-    assert hit_rate(model, inputs, seqs[:, -1]) <= 0.5
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    losses = []
-    for step in range(200):
-        negatives = torch.randint(1, N_ITEMS + 1, positives.shape, generator=g)
-        clash = (negatives[:, :, None] == seqs[:, None, :]).any(-1)
-        negatives[clash] = torch.randint(1, N_ITEMS + 1, (int(clash.sum()),), generator=g)
-        loss = model.loss(inputs, positives, negatives, epoch=step // 20)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    assert hit_rate(model, seqs[:, :-1], seqs[:, -1]) <= 0.5
+    losses = fit_sequences(model, seqs, N_ITEMS)
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
-    assert hit_rate(model, inputs, seqs[:, -1]) >= 0.9
+    assert hit_rate(model, seqs[:, :-1], seqs[:, -1]) >= 0.9
 
 
 @pytest.mark.parametrize("method", OURS)
