@@ -153,6 +153,17 @@ def test_param_importance_finds_what_drives_each_objective(record):
     assert imp[OVERALL].sum() == pytest.approx(1.0)
 
 
+def test_param_importance_leaves_out_a_param_some_trials_lack():
+    conditional = make_record()
+    searched = conditional.trials["stage"] == "search"
+    conditional.trials.loc[searched, "rlmrec_gen.mask_ratio"] = np.where(
+        np.arange(searched.sum()) % 2, 0.2, np.nan)  # drawn in every other trial only
+    conditional.params = [*conditional.params, "rlmrec_gen.mask_ratio"]
+    imp = param_importances(conditional)
+    assert "rlmrec_gen.mask_ratio" not in imp.index
+    assert imp[OVERALL].idxmax() == "alpha"
+
+
 def test_report_answers_first_and_writes_every_figure(record, written):
     assert set(written) == {"report.md", *FIGURES}
     md = written["report.md"].read_text()

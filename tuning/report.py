@@ -319,9 +319,10 @@ def _quiet_study(direction: str) -> optuna.Study:
 def param_importances(record: SearchRecord, evaluator=None) -> pd.DataFrame:
     """Parameter x objective importances by an Optuna evaluator (`importance_evaluator`),
     from an in-memory study per objective built from the trials table. Parameters that took
-    one value only are left out."""
+    one value only are left out, and so are conditional ones (drawn in some trials only,
+    e.g. a method's own): fANOVA needs one search space over every trial."""
     t = _searched(record)
-    params = [p for p in record.params if t[p].nunique() > 1]
+    params = [p for p in record.params if t[p].notna().all() and t[p].nunique() > 1]
     dist = {p: (record.distributions or {}).get(p) or _distribution(t[p]) for p in params}
     out = pd.DataFrame(index=params, dtype=float)
     if len(t) < 2 or not params:
