@@ -2,6 +2,7 @@
 trials, `when:` conditions, early errors naming file, field and value, TPE that stays
 multivariate (grouped, one model per method), and a tiny conditional search on a real Ray."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import ray
 import yaml
@@ -19,14 +21,15 @@ from conftest import write_faerec_dataset
 from model.errors import ConfigError
 from model.train import settings_from_dict
 from tuning.space import PROJECT_ROOT, define_by_run, load_space, make_sampler, plan, trial_settings
-from tuning.tuner import run
+from tuning.tuner import confirmed_trials, run
 
 METHODS_YAML = PROJECT_ROOT / "search_spaces" / "methods.yaml"
 OWN = {"faerec": {"alpha", "lambda", "tau"}, "base": set(), "llminit": set(),
        "alphafuse": {"alphafuse.null_dim", "alphafuse.id_init"},
        "rlmrec_con": {"rlmrec_con.weight", "rlmrec_con.tau"},
        "rlmrec_gen": {"rlmrec_gen.weight", "rlmrec_gen.tau", "rlmrec_gen.mask_ratio"},
-       "llmesr": set(), "cities": set(), "melt": set()}
+       "llmesr": {"llmesr.alpha"}, "cities": {"cities.pretrain_epochs", "cities.tail_max_count"},
+       "melt": {"melt.lamb_u", "melt.lamb_i", "melt.pretrain_epochs"}}
 
 
 def sampled(space, n, sampler=None):
@@ -50,6 +53,19 @@ def test_each_method_gets_its_own_params_in_its_own_trials():
         model_cfg, _ = settings_from_dict(trial_settings(config), "trial")
         assert model_cfg.method == config["method"]
     assert "only when method = rlmrec_gen" in plan(space)
+
+
+def test_confirm_per_method_picks_the_best_trial_of_each_method():
+    space = load_space(METHODS_YAML)
+    assert space.confirm.per == "method" and space.confirm.top == 1
+    table = pd.DataFrame({  # best first overall, as summarise lists them; t6 never validated
+        "trial": ["t1", "t2", "t3", "t4", "t5", "t6"],
+        "method": ["faerec", "faerec", "melt", "base", "melt", "base"],
+        "best/val/overall/ndcg_20": [0.30, 0.29, 0.20, 0.25, 0.22, float("nan")]})
+    # by hand: faerec's best is t1, melt's t5 (0.22 > 0.20), base's t4 (t6 has no value)
+    assert sorted(confirmed_trials(space, table)) == ["t1", "t4", "t5"]
+    two = dataclasses.replace(space, confirm=dataclasses.replace(space.confirm, top=2))
+    assert sorted(confirmed_trials(two, table)) == ["t1", "t2", "t3", "t4", "t5"]
 
 
 def test_tpe_is_grouped_one_model_per_method(caplog):
@@ -171,7 +187,7 @@ def test_a_conditional_search_on_real_ray(tmp_path, local_ray):
                    "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "fixed": {"backbone": "sasrec", "hidden_size": 16, "max_len": 12, "num_layers": 1,
                   "batch_size": 16, "proj_hidden": 16},
-        "confirm": {"top": 1, "seeds": 1},  # the report over conditional params, cheaply
+        "confirm": {"top": 1, "seeds": 1, "per": "method"},  # each method's best, one seed
         "params": {"method": {"type": "grid", "choices": ["faerec", "alphafuse", "rlmrec_gen"]},
                    "dropout": {"type": "uniform", "low": 0.1, "high": 0.5},
                    "tau": {"type": "loguniform", "low": 0.02, "high": 0.5, "when": {"method": "faerec"}},
@@ -194,3 +210,11 @@ def test_a_conditional_search_on_real_ray(tmp_path, local_ray):
     assert Counter(r.data.params["method"] for r in children) == {"faerec": 2, "alphafuse": 2, "rlmrec_gen": 2}
     assert all(r.data.metrics["test/overall/ndcg_10"] >= 0 for r in children)
     assert (Path(outcome.experiment_path) / "report" / "param_importance.png").is_file()
+    # the confirmation: each method's best search trial (by validation) and the references
+    search = outcome.summary
+    best = {m: g.sort_values("best/val/overall/ndcg_20").iloc[-1]["trial"] for m, g in search.groupby("method")}
+    confirmed = [r for r in runs if r.data.tags.get("stage") == "confirm"]
+    assert Counter(r.data.tags["configuration"] for r in confirmed) == Counter(
+        [*best.values(), "base", "paper-default"])
+    report = (Path(outcome.experiment_path) / "report" / "report.md").read_text()
+    assert all(f"{m} {t}" in report for m, t in best.items())  # rows named by method

@@ -183,6 +183,9 @@ BREAKS = [
      "X: confirm: unknown key 'tops' (did you mean 'top'?)"),
     ("confirm not a mapping", lambda s: s.update(confirm=3),
      "X: confirm: expected a mapping, got 3"),
+    ("confirm per a float param", lambda s: s.update(confirm={"per": "lambda"}),
+     "X: confirm.per: must name a grid or categorical param that every trial draws (dropout), "
+     "got 'lambda'"),
     ("bad name", lambda s: s.update(name="a/b"), "X: name: use letters, digits"),
     ("bad embedding", lambda s: s["embedding"].update(encoder="word2vec"), "X: embedding.encoder: must be one of auto"),
     ("bad dataset field", lambda s: s.update(dataset={"format": "ml-100k", "colour": 1}),

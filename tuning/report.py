@@ -61,6 +61,10 @@ class SearchRecord:
     facts: dict[str, object] = field(default_factory=dict)  # shown as they are: budget, seeds, command...
     distributions: dict[str, optuna.distributions.BaseDistribution] | None = None  # else inferred
     reference_point: list[float] | None = None  # hypervolume's, in metric units; default below
+    labels: dict[str, str] = field(default_factory=dict)  # configuration -> its name in tables
+
+    def label(self, configuration) -> str:
+        return self.labels.get(configuration, str(configuration))
 
 
 # -- numbers --------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def _answer_cells(record: SearchRecord) -> tuple[list[str], list[tuple[str, str,
                 if tested is not None:
                     notes.append(_p(tested["p_holm"]))
             cells.append((value, ", ".join(notes)))
-        rows.append((str(configuration), str(int(s["seeds"])), cells))
+        rows.append((record.label(configuration), str(int(s["seeds"])), cells))
     return header, rows
 
 
@@ -151,7 +155,7 @@ def verdicts(record: SearchRecord) -> list[str]:
     for configuration in summary.index[1:]:
         tests = {test: _test(record, configuration, test) for *_, test in ANSWER_COLUMNS if test}
         if any(t is None for t in tests.values()):
-            sentences.append(f"**{configuration}**: no paired tests against {record.base}.")
+            sentences.append(f"**{record.label(configuration)}**: no paired tests against {record.base}.")
             continue
         significant = {k: t["p_holm"] < ALPHA for k, t in tests.items()}
         higher = {k: t["mean_difference"] > 0 for k, t in tests.items()}
@@ -173,7 +177,7 @@ def verdicts(record: SearchRecord) -> list[str]:
             answer = "no real tail lift, and loses overall accuracy"
         else:
             answer = "no tail lift beyond noise"
-        sentences.append(f"**{configuration}**: {numbers}: {answer}.")
+        sentences.append(f"**{record.label(configuration)}**: {numbers}: {answer}.")
     return sentences
 
 
@@ -381,7 +385,7 @@ def popularity_groups_figure(record: SearchRecord) -> Figure:
     x = np.arange(len(columns))
     for k, (configuration, s) in enumerate(summary.iterrows()):
         ax.bar(x + (k - (len(summary) - 1) / 2) * width, [s[f"{c} mean"] for c in columns],
-               width, yerr=[s[f"{c} std"] for c in columns], capsize=3, label=str(configuration),
+               width, yerr=[s[f"{c} std"] for c in columns], capsize=3, label=record.label(configuration),
                color="tab:gray" if configuration == record.base else None)
     ax.set_xticks(x, [POPULARITY_COLUMN.fullmatch(c).group(1) for c in columns])
     ax.set_xlabel("popularity of the test target (training interactions)")
@@ -418,7 +422,7 @@ def curves_figure(record: SearchRecord) -> Figure:
             by_epoch = runs.groupby("epoch")[column]
             mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)
             style = dict(color="black", linestyle="--") if configuration == record.base else {}
-            line, = ax.plot(mean.index, mean.to_numpy(), label=str(configuration), **style)
+            line, = ax.plot(mean.index, mean.to_numpy(), label=record.label(configuration), **style)
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
         ax.set_xlabel("epoch")
         ax.set_ylabel(column)

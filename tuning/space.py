@@ -160,6 +160,7 @@ class SearchSettings:
 class ConfirmSettings:
     top: int                    # configurations of the search confirmed (the front, capped)
     seeds: int                  # new seeds per configuration
+    per: str | None = None      # a grid/categorical param: the front of each of its values
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ class ConstraintSection:
 class ConfirmSection:
     top: int = rule(3, ge=1)           # the search's front capped at top (one objective: the top)
     seeds: int = rule(3, ge=1)         # new seeds per configuration
+    per: str | None = None             # a grid/categorical param (e.g. method): top per value
 
     def __post_init__(self):
         check_fields(self)
@@ -486,7 +488,26 @@ def _parse_confirm(raw: Any, source: str) -> ConfirmSettings | None:
     if raw is False:
         return None
     c = from_mapping(ConfirmSection, {} if raw is None else raw, source, "confirm")
-    return ConfirmSettings(top=c.top, seeds=c.seeds)
+    return ConfirmSettings(top=c.top, seeds=c.seeds, per=c.per)
+
+
+def _confirmed_description(space: SearchSpace) -> str:
+    c = space.confirm
+    what = (f"front (at most {c.top})" if len(space.search.objectives) > 1 else
+            "best trial" if c.top == 1 else f"top {c.top} trials")
+    return what + (f" of each {c.per}" if c.per else "")
+
+
+def _check_confirm_per(space: SearchSpace) -> None:
+    """confirm.per groups the search's trials by a param every trial draws from a list."""
+    per = space.confirm.per if space.confirm else None
+    if per is None:
+        return
+    chosen = {p.name: p for p in space.params if p.kind in ("grid", "categorical") and not p.when}
+    if per not in chosen:
+        raise ConfigError(f"{where(space.label, 'confirm.per')}: must name a grid or categorical "
+                          f"param that every trial draws ({', '.join(chosen) or 'this space has none'}), "
+                          f"got {per!r}")
 
 
 def _parse_param(name: Any, spec: Any, source: str) -> ParamSpec:
@@ -651,6 +672,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
                               "the references, but the space sets references: false")
     _check_ablation(space)
     _check_conditions(space)
+    _check_confirm_per(space)
     _check_curriculum_bounds(space)  # before the settings check, which would name one side only
     _check_first_validation(space, settings_from_dict(_shared_fixed(space), source, "fixed")[1].min_epochs)
     _check_grid(space)
@@ -826,8 +848,7 @@ def plan(space: SearchSpace) -> str:
         *(f"    {p.name:<{width}}  {_describe(space, p)}" for p in space.params),
         "  references: " + ("base and paper-default (FAERec at the paper's defaults), same "
                             "budget, before the search" if space.references else "none"),
-        "  confirm:    " + (f"the search's front (at most {space.confirm.top}) and the "
-                            f"references, {space.confirm.seeds} new seeds each, full budget; "
+        "  confirm:    " + (f"the search's {_confirmed_description(space)} and the references, {space.confirm.seeds} new seeds each, full budget; "
                             "then the report" if space.confirm else "none (no report)"),
         f"  results:    {mask_url(s.storage_path)}/{space.name} (Ray Tune)",
         f"  MLflow:     {mask_url(s.tracking_uri)} (experiment {space.name!r})",

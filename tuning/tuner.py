@@ -348,14 +348,21 @@ def confirmation_seeds(space: SearchSpace) -> list[int]:
     return [first + i for i in range(space.confirm.seeds)]
 
 
-def confirmation_configs(space: SearchSpace, results, table: pd.DataFrame) -> list[dict]:
-    """The search's front capped at confirm.top (one objective: the top) and the
-    references, each with every confirmation seed."""
+def confirmed_trials(space: SearchSpace, table: pd.DataFrame) -> list[str]:
+    """The search's front capped at confirm.top (one objective: the top); with confirm.per,
+    that of each value of the param (e.g. the best trial of every method)."""
     keys = objective_keys(space)
     cols = [key for key, _ in keys]
     finished = table[np.isfinite(table[cols].to_numpy(float)).all(1)]
-    chosen = finished.iloc[confirmation_candidates(
-        losses(finished[cols], [mode for _, mode in keys]), space.confirm.top)]["trial"]
+    per = space.confirm.per
+    groups = [g for _, g in finished.groupby(per, sort=False)] if per else [finished]
+    return [trial for g in groups for trial in g.iloc[confirmation_candidates(
+        losses(g[cols], [mode for _, mode in keys]), space.confirm.top)]["trial"]]
+
+
+def confirmation_configs(space: SearchSpace, results, table: pd.DataFrame) -> list[dict]:
+    """The trials `confirmed_trials` picks and the references, each with every confirmation seed."""
+    chosen = confirmed_trials(space, table)
     config_of = {_trial_id(r): r.config for r in results}
     return [{**config, "seed": seed} for seed in confirmation_seeds(space) for config in [
         *(reference_config(space, name) for name in REFERENCES),
@@ -437,10 +444,12 @@ def build_record(space: SearchSpace, table: pd.DataFrame, references: pd.DataFra
     tests = paired_tests(per_user, base="base") if len(per_user) else pd.DataFrame()
     trials = pd.concat([table.assign(stage="search"),
                         *([references] if references is not None else [])], ignore_index=True)
+    per = space.confirm.per
+    labels = {t: f"{v} {t}" for t, v in zip(table["trial"], table[per])} if per else {}
     return SearchRecord(name=space.name, objectives=objective_keys(space),
                         params=_searched_names(space), trials=trials, confirmed=runs,
                         tests=tests, curves=curves, facts=facts,
-                        distributions=distributions(space))
+                        distributions=distributions(space), labels=labels)
 
 
 def _facts(space: SearchSpace, inputs, table: pd.DataFrame, seconds: dict[str, float]) -> dict:
