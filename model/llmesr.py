@@ -181,10 +181,10 @@ class LLMESR(SequentialRecommender):
         rec = self.bce(h, pos_ids, items[inverse[1]], items[inverse[2]])
 
         real = input_ids[:, -1] != 0  # rows with a history (batch_all_users adds empty ones)
-        B, k = len(users), self.similar.size(1)
         with torch.no_grad():  # the target takes no gradient (their .detach())
-            neighbours = self.user_history[self.similar[users]].view(B * k, -1)  # (B k, L)
-            target = self.encode_ids(neighbours, last_only=True).view(B, k, -1)  # (B, k, 2d)
+            # each distinct similar user of the batch is encoded once: at most n_users, not B k
+            neighbours, which = torch.unique(self.similar[users], return_inverse=True)  # (N,), (B, k)
+            target = self.encode_ids(self.user_history[neighbours], last_only=True)[which]  # (B, k, 2d)
         distill = self_distillation_loss(h[:, -1][real].float(), target[real].float())
         return {"loss": rec + self.params.alpha * distill, "rec": rec, "distill": distill}
 

@@ -9,7 +9,7 @@ with `rule(...)` bounds. Those settings join the one flat namespace as "<method>
 (`--set rlmrec_con.weight=0.1`, a search-space param `rlmrec_con.weight`), are validated by
 model.config's one validator, and are an error in a run of another method. FAERec's own
 settings (tau, alpha, lambda, ...) keep their plain names in FAERecConfig.
-How to add a method: docs in /work/wt/notes/registry.md and the README's Methods section.
+How to add a method: the README's Methods section.
 """
 
 from dataclasses import dataclass
