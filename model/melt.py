@@ -35,6 +35,7 @@ class MELTConfig:
     e_max: int = rule(200, ge=1)  # epochs over which the curriculum weights sweep (their e_max)
     pretrain_epochs: int = rule(20, ge=0)  # the backbone alone first (theirs loads a trained SASRec)
     max_contexts: int = rule(0, ge=0)  # most contexts encoded per item per step and per tail update; 0 = all (theirs)
+    warmup_epochs: int = rule(0, ge=0)  # MELT epochs that train W_I before its first tail update (theirs: 0)
 
     def __post_init__(self):
         check_fields(self)
@@ -197,10 +198,11 @@ class MELT(SequentialRecommender):
         p = self.params
         if epoch < p.pretrain_epochs:  # the backbone alone (theirs starts from a trained one)
             return super().loss(input_ids, pos_ids, neg_ids, epoch)
-        if int(self.updated_epoch) != epoch:  # the first step of an epoch
-            self.update_tail_items()
-            self.updated_epoch.fill_(epoch)
         t = epoch - p.pretrain_epochs  # MELT's own epoch count drives the curriculum
+        if int(self.updated_epoch) != epoch:  # the first step of an epoch
+            if t >= p.warmup_epochs:  # theirs overwrites at once, with a W_I that never trained
+                self.update_tail_items()
+            self.updated_epoch.fill_(epoch)
         rec = super().loss(input_ids, pos_ids, neg_ids, epoch)["rec"]
         # per step, a share of the head users and items as large as the batch's share of all
         # users: one epoch visits each about once (theirs: len(head) // batches + 1 per step)

@@ -167,6 +167,24 @@ def test_tail_update_and_tail_user_transfer():
     assert int(model.state_dict()["updated_epoch"]) == 1
 
 
+def test_warmup_epochs_train_w_i_before_the_first_tail_update():
+    data = random_data()
+    model = melt_model(data, warmup_epochs=1)
+    inputs = torch.stack([left_padded(s[:-2][-L:])[0] for s in data.sequences if len(s) > 3])
+    batch = inputs[:, :-1], inputs[:, 1:], torch.randint(1, N_ITEMS + 1, inputs[:, 1:].shape) * (inputs[:, 1:] > 0)
+    tail = torch.as_tensor(model.tail_items)
+    optimizer = torch.optim.SGD([model.W_I.weight], lr=0.1)  # only W_I moves: tail rows change by the update alone
+    before = model.id_embedding.weight.detach()[tail].clone()
+    w_i = model.W_I.weight.detach().clone()
+    optimizer.zero_grad()
+    model.loss(*batch, epoch=1)["loss"].backward()  # MELT's first epoch: the warm-up, W_I trains
+    optimizer.step()
+    torch.testing.assert_close(model.id_embedding.weight.detach()[tail], before)
+    assert not torch.equal(model.W_I.weight, w_i)
+    model.loss(*batch, epoch=2)  # the next epoch's first step overwrites the tail rows with the trained W_I
+    assert not torch.allclose(model.id_embedding.weight.detach()[tail], before)
+
+
 def test_overfits_a_tiny_deterministic_dataset():
     rng = np.random.default_rng(0)
     following = rng.permutation(N_ITEMS) + 1

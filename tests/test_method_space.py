@@ -29,7 +29,7 @@ OWN = {"faerec": {"alpha", "lambda", "tau"}, "base": set(), "llminit": set(),
        "rlmrec_con": {"rlmrec_con.weight", "rlmrec_con.tau"},
        "rlmrec_gen": {"rlmrec_gen.weight", "rlmrec_gen.tau", "rlmrec_gen.mask_ratio"},
        "llmesr": {"llmesr.alpha"}, "cities": {"cities.pretrain_epochs", "cities.tail_max_count"},
-       "melt": {"melt.lamb_u", "melt.lamb_i", "melt.pretrain_epochs"}}
+       "melt": {"melt.lamb_u", "melt.lamb_i", "melt.pretrain_epochs", "melt.warmup_epochs"}}
 
 
 def sampled(space, n, sampler=None):
