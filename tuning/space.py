@@ -722,7 +722,7 @@ def reference_config(space: SearchSpace, name: str) -> dict[str, Any]:
     """A reference's full flat config: the shared settings with REFERENCES[name] on top."""
     config = {**shared_config(space), **REFERENCES[name], "configuration": name}
     # a fixed setting of another method ("llmesr.alpha") is not the reference's to take
-    return {k: v for k, v in config.items() if k.partition(".")[0] in (k, config["method"])}
+    return of_method(config, config["method"])
 
 
 def _trial_config(space: SearchSpace, drawn: Mapping[str, Any]) -> dict[str, Any]:
@@ -957,10 +957,14 @@ def _check_conditions(space: SearchSpace) -> None:
                               f"trial runs (method takes: {', '.join(methods)})")
 
 
+def of_method(settings: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """`settings` less those of other methods: "melt.e_max" stays only when method is melt."""
+    return {k: v for k, v in settings.items() if k.partition(".")[0] in (k, method)}
+
+
 def _shared_fixed(space: SearchSpace) -> dict[str, Any]:
     """The fixed settings, less the method settings of methods other than the fixed one."""
-    method = space.fixed.get("method", _default_setting("method"))
-    return {k: v for k, v in space.fixed.items() if k.partition(".")[0] in (k, method)}
+    return of_method(space.fixed, space.fixed.get("method", _default_setting("method")))
 
 
 def _without_inactive(space: SearchSpace, config: dict[str, Any]) -> dict[str, Any]:
@@ -970,8 +974,7 @@ def _without_inactive(space: SearchSpace, config: dict[str, Any]) -> dict[str, A
             config.pop(p.name, None)
             if p is _derived_w_max(space):
                 config.pop("w_gap", None)
-    method = config.get("method", _default_setting("method"))
-    return {k: v for k, v in config.items() if k.partition(".")[0] in (k, method)}
+    return of_method(config, config.get("method", _default_setting("method")))
 
 
 def _satisfying(space: SearchSpace, name: str) -> dict[str, Any]:
