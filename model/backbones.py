@@ -411,8 +411,10 @@ class NARM(nn.Module):
     B (2d -> d), the paper's bilinear decoder up to the dot product with the items.
 
     Training has a target at every position, so each position's attention covers its own
-    prefix only: all (t, j) pairs at once with j > t masked, a (B, L, L, d) tensor, where
-    RecBole computes the last position's (B, L, d). `last_only` computes just that.
+    prefix only: the (t, j) pairs of every query position t with j > t masked, an (N, L, d)
+    tensor for N query positions, where RecBole computes the last position's (B, L, d).
+    `last_only` computes just that; on CPUs only the real positions are queries (padding's
+    outputs are zero anyway), on GPUs every position (no host sync per step).
     No position embeddings: the GRU orders the items. The GRU has no biases (as RecBole),
     so zero (padded) inputs from the zero initial state keep the state at exactly zero:
     left padding never reaches the real positions, and padded h_j add nothing to c_local.
@@ -429,17 +431,27 @@ class NARM(nn.Module):
         self.dropout = Dropout(dropout)
         self.B = nn.Linear(2 * d, d, bias=False)
 
+    packed = None  # None: real positions only on CPUs; on GPUs every position (as SASRec)
+
     def forward(self, x, mask, last_only=False):
         h, _ = self.gru(self.input(x, mask))  # (B, L, d); zero at padding
-        L = h.size(1)
-        query = h[:, -1:] if last_only else h  # (B, T, d): the positions computed, T = 1 or L
-        # alpha_tj = v^T sigmoid(A1 h_j + A2 h_t), eq. (7): (B, T, L)
-        alpha = self.v(torch.sigmoid(self.A1(h)[:, None] + self.A2(query)[:, :, None])).squeeze(-1)
-        if not last_only:  # position t attends to j <= t only (the last position sees all)
-            alpha = alpha * torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
-        c_local = alpha @ h  # (B, T, d), eq. (6)
-        c = self.B(self.dropout(torch.cat([c_local, query], dim=-1)))  # (B, T, d), eq. (8) before the items
-        return c[:, -1] if last_only else c * mask.unsqueeze(-1)
+        B, L, _ = h.shape
+        packed = x.device.type == "cpu" if self.packed is None else self.packed
+        if last_only:  # the query positions (rows, cols), N of them
+            rows, cols = torch.arange(B, device=h.device), torch.full((B,), L - 1, device=h.device)
+        elif packed:
+            rows, cols = mask.nonzero(as_tuple=True)
+        else:
+            rows, cols = torch.arange(B * L, device=h.device).div(L, rounding_mode="floor"), torch.arange(L, device=h.device).repeat(B)
+        query, keys = h[rows, cols], h[rows]  # (N, d), (N, L, d)
+        # alpha_tj = v^T sigmoid(A1 h_j + A2 h_t), eq. (7), for j <= t only: (N, L)
+        alpha = self.v(torch.sigmoid(self.A1(h)[rows] + self.A2(query)[:, None])).squeeze(-1)
+        alpha = alpha * (torch.arange(L, device=h.device) <= cols[:, None])
+        c_local = torch.bmm(alpha[:, None], keys).squeeze(1)  # (N, d), eq. (6)
+        c = self.B(self.dropout(torch.cat([c_local, query], dim=-1)))  # (N, d), eq. (8) before the items
+        if last_only:
+            return c
+        return c.new_zeros(B, L, c.size(-1)).index_put_((rows, cols), c) * mask.unsqueeze(-1)
 
 
 # ------------------------------------------------------------------------ LightSANs

@@ -251,10 +251,11 @@ def test_backbone_settings_reach_the_backbone():
         FAERecConfig(backbone="lightsans", hidden_size=8, num_heads=3)
 
 
-def test_sasrec_whole_batch_path_equals_the_packed_one():
-    """The GPU layout (every position, one window, no host sync) computes what packing does:
-    same outputs at real positions, zeros at padding, whatever the padding holds."""
-    model = make("sasrec")
+@pytest.mark.parametrize("name", ["sasrec", "narm"])
+def test_whole_batch_path_equals_the_packed_one(name):
+    """The GPU layout (every position, no host sync) computes what packing the real positions
+    does: same outputs at real positions, zeros at padding, whatever the padding holds."""
+    model = make(name)
     x = torch.randn(7, MAX_LEN, D, generator=torch.Generator().manual_seed(5))
     mask = torch.arange(MAX_LEN) >= MAX_LEN - torch.tensor([8, 1, 5, 0, 3, 8, 2])[:, None]  # incl. an empty row
     packed, packed_last = model(x, mask), model(x, mask, last_only=True)
