@@ -78,7 +78,7 @@ class MultiObjectiveASHA(FIFOScheduler):
         now = result[self.time_attr]
         action = self._judge(trial.trial_id, now, result)
         if now >= self.max_t:
-            action = TrialScheduler.STOP
+            return TrialScheduler.STOP  # the budget's end: not counted as stopped early
         if action == TrialScheduler.STOP:
             self.num_stopped += 1
             self._write_state()
@@ -93,7 +93,7 @@ class MultiObjectiveASHA(FIFOScheduler):
     def debug_string(self) -> str:
         rungs = ", ".join(f"epoch {m:g}: {len(r)} recorded" for m, r in self.rungs.items())
         names = ", ".join(f"{mode} {metric}" for metric, mode in self.objectives)
-        return f"Using MO-ASHA ({names}): {self.num_stopped} stopped; {rungs or 'no rungs'}"
+        return f"Using MO-ASHA ({names}): {self.num_stopped} stopped early; {rungs or 'no rungs'}"
 
     def save(self, checkpoint_path: str) -> None:
         Path(checkpoint_path).write_text(json.dumps(self._state()))
