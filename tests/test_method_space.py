@@ -21,7 +21,7 @@ from conftest import write_faerec_dataset
 from model.errors import ConfigError
 from model.train import settings_from_dict
 from tuning.space import PROJECT_ROOT, define_by_run, load_space, make_sampler, plan, trial_settings
-from tuning.tuner import confirmed_trials, run
+from tuning.tuner import comparison_base, confirmed_trials, run
 
 METHODS_YAML = PROJECT_ROOT / "search_spaces" / "methods.yaml"
 OWN = {"faerec": {"alpha", "lambda", "tau"}, "base": set(), "llminit": set(),
@@ -66,6 +66,17 @@ def test_confirm_per_method_picks_the_best_trial_of_each_method():
     assert sorted(confirmed_trials(space, table)) == ["t1", "t4", "t5"]
     two = dataclasses.replace(space, confirm=dataclasses.replace(space.confirm, top=2))
     assert sorted(confirmed_trials(two, table)) == ["t1", "t2", "t3", "t4", "t5"]
+
+
+def test_lifts_are_tested_against_the_tuned_base_when_the_search_has_one():
+    table = pd.DataFrame({"trial": ["t1", "t6", "t4", "t2"],  # best first, as summarise lists them
+                          "method": ["faerec", "base", "base", "faerec"]})
+    references = [{"configuration": "base", "method": "base"},
+                  {"configuration": "paper-default", "method": "faerec"}]
+    confirmed = [*references, {"configuration": "t4", "method": "base"},
+                 {"configuration": "t6", "method": "base"}, {"configuration": "t1", "method": "faerec"}]
+    assert comparison_base(table, confirmed) == "t6"  # the better of the two confirmed bases
+    assert comparison_base(table, confirmed[:2] + confirmed[-1:]) == "base"  # no tuned base: defaults
 
 
 def test_tpe_is_grouped_one_model_per_method(caplog):
@@ -188,10 +199,9 @@ def test_a_conditional_search_on_real_ray(tmp_path, local_ray):
         "fixed": {"backbone": "sasrec", "hidden_size": 16, "max_len": 12, "num_layers": 1,
                   "batch_size": 16, "proj_hidden": 16},
         "confirm": {"top": 1, "seeds": 1, "per": "method"},  # each method's best, one seed
-        "params": {"method": {"type": "grid", "choices": ["faerec", "alphafuse", "rlmrec_gen"]},
+        "params": {"method": {"type": "grid", "choices": ["faerec", "base", "rlmrec_gen"]},
                    "dropout": {"type": "uniform", "low": 0.1, "high": 0.5},
                    "tau": {"type": "loguniform", "low": 0.02, "high": 0.5, "when": {"method": "faerec"}},
-                   "alphafuse.null_dim": {"type": "categorical", "choices": [4, 8]},
                    "rlmrec_gen.mask_ratio": {"type": "uniform", "low": 0.1, "high": 0.3}},
     }
     path = tmp_path / "conditional.yaml"
@@ -199,15 +209,15 @@ def test_a_conditional_search_on_real_ray(tmp_path, local_ray):
     outcome = run(load_space(path))
     assert len(outcome.summary) == 6 and set(outcome.summary["outcome"]) == {"completed"}
     configs = [json.loads(p.read_text()) for p in Path(outcome.experiment_path).glob("trial_*/params.json")]
-    assert Counter(c["method"] for c in configs) == {"faerec": 2, "alphafuse": 2, "rlmrec_gen": 2}
+    assert Counter(c["method"] for c in configs) == {"faerec": 2, "base": 2, "rlmrec_gen": 2}
     for config in configs:
-        own = {"faerec": "tau", "alphafuse": "alphafuse.null_dim", "rlmrec_gen": "rlmrec_gen.mask_ratio"}
-        assert {k for k in own.values() if k in config} == {own[config["method"]]}
+        own = {"faerec": {"tau"}, "base": set(), "rlmrec_gen": {"rlmrec_gen.mask_ratio"}}
+        assert {"tau", "rlmrec_gen.mask_ratio"} & set(config) == own[config["method"]]
         assert settings_from_dict(trial_settings(config), "trial")[0].method == config["method"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("conditional").experiment_id])
     children = [r for r in runs if r.data.tags.get("stage") == "search"]
-    assert Counter(r.data.params["method"] for r in children) == {"faerec": 2, "alphafuse": 2, "rlmrec_gen": 2}
+    assert Counter(r.data.params["method"] for r in children) == {"faerec": 2, "base": 2, "rlmrec_gen": 2}
     assert all(r.data.metrics["test/overall/ndcg_10"] >= 0 for r in children)
     assert (Path(outcome.experiment_path) / "report" / "param_importance.png").is_file()
     # the confirmation: each method's best search trial (by validation) and the references
@@ -218,3 +228,7 @@ def test_a_conditional_search_on_real_ray(tmp_path, local_ray):
         [*best.values(), "base", "paper-default"])
     report = (Path(outcome.experiment_path) / "report" / "report.md").read_text()
     assert all(f"{m} {t}" in report for m, t in best.items())  # rows named by method
+    # every lift is tested against the tuned base (the search's best base), the defaults' included
+    assert outcome.record.base == best["base"] and f"change against `base {best['base']}`" in report
+    assert set(outcome.record.tests["configuration"]) == {best["faerec"], best["rlmrec_gen"], "base",
+                                                           "paper-default"}

@@ -155,7 +155,7 @@ def verdicts(record: SearchRecord) -> list[str]:
     for configuration in summary.index[1:]:
         tests = {test: _test(record, configuration, test) for *_, test in ANSWER_COLUMNS if test}
         if any(t is None for t in tests.values()):
-            sentences.append(f"**{record.label(configuration)}**: no paired tests against {record.base}.")
+            sentences.append(f"**{record.label(configuration)}**: no paired tests against {record.label(record.base)}.")
             continue
         significant = {k: t["p_holm"] < ALPHA for k, t in tests.items()}
         higher = {k: t["mean_difference"] > 0 for k, t in tests.items()}
@@ -467,7 +467,9 @@ def report_markdown(record: SearchRecord) -> str:
         headline, "\n".join(f"- {v}" for v in found),
         _markdown(answer_rows(record)),
         f"Test metrics at each run's best validation epoch, mean ± std over seeds {seeds}; "
-        f"in brackets the change against `{record.base}` (% for overall metrics, x for tail "
+        f"in brackets the change against `{record.label(record.base)}`"
+        + ("" if record.base == "base" else " (the search's best base, trained like the others)")
+        + " (% for overall metrics, x for tail "
         "ones) and the Holm-adjusted p-value of a two-sided Wilcoxon signed-rank test over "
         "test users (each user's seeds averaged) against the base, corrected over all "
         f"{len(record.tests) if record.tests is not None else 0} comparisons of this report "

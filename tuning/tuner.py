@@ -433,6 +433,16 @@ def distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDist
     return out
 
 
+def comparison_base(table: pd.DataFrame, configs: list[dict]) -> str:
+    """What every confirmed configuration is tested against, given the confirmation runs'
+    configs: the search's best confirmed trial of `method: base` (a base tuned with the same
+    budget as the rest: `methods.yaml` confirms every method's best), else the `base`
+    reference at its default settings."""
+    tuned = {c["configuration"] for c in configs
+             if c.get("method") == "base" and c["configuration"] not in REFERENCES}
+    return next((trial for trial in table["trial"] if trial in tuned), "base")
+
+
 def build_record(space: SearchSpace, table: pd.DataFrame, references: pd.DataFrame | None,
                  confirmed, facts: dict) -> SearchRecord:
     runs, curves = _confirmed_tables(confirmed)
@@ -440,15 +450,16 @@ def build_record(space: SearchSpace, table: pd.DataFrame, references: pd.DataFra
     rank = {name: i for i, name in enumerate([*REFERENCES, *table["trial"]])}
     runs = runs.sort_values(["configuration", "seed"], key=lambda c: c.map(rank)
                             if c.name == "configuration" else c, ignore_index=True)
+    base = comparison_base(table, [r.config for r in confirmed])
     per_user = per_user_results(confirmed)
-    tests = paired_tests(per_user, base="base") if len(per_user) else pd.DataFrame()
+    tests = paired_tests(per_user, base=base) if len(per_user) else pd.DataFrame()
     trials = pd.concat([table.assign(stage="search"),
                         *([references] if references is not None else [])], ignore_index=True)
     per = space.confirm.per
     labels = {t: f"{v} {t}" for t, v in zip(table["trial"], table[per])} if per else {}
     return SearchRecord(name=space.name, objectives=objective_keys(space),
                         params=_searched_names(space), trials=trials, confirmed=runs,
-                        tests=tests, curves=curves, facts=facts,
+                        tests=tests, curves=curves, base=base, facts=facts,
                         distributions=distributions(space), labels=labels)
 
 
