@@ -21,7 +21,7 @@ from conftest import write_faerec_dataset
 from model.errors import ConfigError
 from model.train import settings_from_dict
 from tuning.space import PROJECT_ROOT, define_by_run, load_space, make_sampler, plan, trial_settings
-from tuning.tuner import comparison_base, confirmed_trials, run
+from tuning.tuner import comparison_bases, confirmed_trials, run
 
 METHODS_YAML = PROJECT_ROOT / "search_spaces" / "methods.yaml"
 OWN = {"faerec": {"alpha", "lambda", "tau"}, "base": set(), "llminit": set(),
@@ -57,7 +57,7 @@ def test_each_method_gets_its_own_params_in_its_own_trials():
 
 def test_confirm_per_method_picks_the_best_trial_of_each_method():
     space = load_space(METHODS_YAML)
-    assert space.confirm.per == "method" and space.confirm.top == 1
+    assert space.confirm.per == ("method",) and space.confirm.top == 1
     table = pd.DataFrame({  # best first overall, as summarise lists them; t6 never validated
         "trial": ["t1", "t2", "t3", "t4", "t5", "t6"],
         "method": ["faerec", "faerec", "melt", "base", "melt", "base"],
@@ -69,14 +69,33 @@ def test_confirm_per_method_picks_the_best_trial_of_each_method():
 
 
 def test_lifts_are_tested_against_the_tuned_base_when_the_search_has_one():
+    space = load_space(METHODS_YAML)  # confirm.per: method
     table = pd.DataFrame({"trial": ["t1", "t6", "t4", "t2"],  # best first, as summarise lists them
                           "method": ["faerec", "base", "base", "faerec"]})
     references = [{"configuration": "base", "method": "base"},
                   {"configuration": "paper-default", "method": "faerec"}]
     confirmed = [*references, {"configuration": "t4", "method": "base"},
                  {"configuration": "t6", "method": "base"}, {"configuration": "t1", "method": "faerec"}]
-    assert comparison_base(table, confirmed) == "t6"  # the better of the two confirmed bases
-    assert comparison_base(table, confirmed[:2] + confirmed[-1:]) == "base"  # no tuned base: defaults
+    # the better of the two confirmed bases is everyone's base, the defaults' and the other base's
+    assert comparison_bases(space, table, confirmed) == {
+        "base": "t6", "paper-default": "t6", "t4": "t6", "t1": "t6"}
+    no_tuned = [*references, confirmed[-1]]  # no tuned base: the base at its defaults
+    assert comparison_bases(space, table, no_tuned) == {"paper-default": "base", "t1": "base"}
+
+
+def test_each_backbone_is_tested_against_its_own_tuned_base():
+    space = load_space(PROJECT_ROOT / "search_spaces" / "backbones.yaml")
+    assert space.confirm.per == ("backbone", "method")
+    rows = [("n1", "narm", "faerec"), ("s1", "sasrec", "faerec"), ("n2", "narm", "base"),
+            ("s2", "sasrec", "base"), ("g1", "gmlp", "faerec")]  # gmlp's base never finished
+    table = pd.DataFrame(rows, columns=["trial", "backbone", "method"])
+    confirmed = [{"configuration": "base", "method": "base"},  # the references: no backbone given
+                 {"configuration": "paper-default", "method": "faerec"},
+                 *({"configuration": t, "backbone": b, "method": m} for t, b, m in rows)]
+    assert comparison_bases(space, table, confirmed) == {
+        "paper-default": "base", "n1": "n2", "s1": "s2", "g1": "base"}
+    assert sorted(confirmed_trials(space, table.assign(**{"best/val/overall/ndcg_20": 0.1}))) == \
+        ["g1", "n1", "n2", "s1", "s2"]  # the best of each (backbone, method)
 
 
 def test_tpe_is_grouped_one_model_per_method(caplog):
@@ -229,6 +248,7 @@ def test_a_conditional_search_on_real_ray(tmp_path, local_ray):
     report = (Path(outcome.experiment_path) / "report" / "report.md").read_text()
     assert all(f"{m} {t}" in report for m, t in best.items())  # rows named by method
     # every lift is tested against the tuned base (the search's best base), the defaults' included
-    assert outcome.record.base == best["base"] and f"change against `base {best['base']}`" in report
-    assert set(outcome.record.tests["configuration"]) == {best["faerec"], best["rlmrec_gen"], "base",
-                                                           "paper-default"}
+    assert f"change against `base {best['base']}`" in report
+    tests = outcome.record.tests
+    assert set(tests["configuration"]) == {best["faerec"], best["rlmrec_gen"], "base", "paper-default"}
+    assert set(tests["base"]) == {best["base"]}

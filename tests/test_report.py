@@ -17,7 +17,7 @@ OVERALL, TAIL = "best/val/overall/ndcg_20", "best/val/tail/ndcg_20"
 POP_GROUPS = ("1-4", "5-9", "10-19", "20-49", "50+")
 
 
-def make_record(objectives=((OVERALL, "max"), (TAIL, "max")), seed=0) -> SearchRecord:
+def make_record(objectives=((OVERALL, "max"), (TAIL, "max")), seed=0, bases=None) -> SearchRecord:
     """A search of 24 trials where alpha drives the overall objective and lambda the tail one,
     two references, and a confirmation of base, paper default and two front trials:
     `lifter` gains on tail users only, `flat` changes nothing."""
@@ -64,8 +64,8 @@ def make_record(objectives=((OVERALL, "max"), (TAIL, "max")), seed=0) -> SearchR
     return SearchRecord(
         name="tiny-pareto", objectives=list(objectives),
         params=["lambda", "alpha", "period", "align_items"], trials=trials,
-        confirmed=pd.DataFrame(per_seed), tests=paired_tests(per_user, base="base"),
-        curves=pd.DataFrame(curves), base="base",
+        confirmed=pd.DataFrame(per_seed), tests=paired_tests(per_user, bases or "base"),
+        curves=pd.DataFrame(curves), base="base", bases=bases or {},
         facts={"dataset": "synthetic", "command": "pytest", "confirmation seeds": "100, 101, 102"})
 
 
@@ -185,6 +185,24 @@ def test_one_objective_record_reports_too(tmp_path):
     files = write_report(record, tmp_path)
     assert len(front(record)) == 1 and front(record)[OVERALL].item() == record.trials[OVERALL].max()
     assert files["pareto_front.png"].stat().st_size > 10_000
+
+
+def test_a_base_per_group_orders_compares_and_says_so(tmp_path):
+    """Two groups: `flat` is the base of `lifter` (as a backbone's tuned base is of its FAERec),
+    `base` that of `paper-default`. Each group's base comes first, each change is against it."""
+    record = make_record(bases={"paper-default": "base", "lifter": "flat"})
+    rows = answer_rows(record)
+    assert [r[0] for r in rows[1:]] == ["base", "paper-default", "flat", "lifter"]
+    assert "(" not in " ".join(rows[3])  # flat is a base now: no change against anything
+    c = record.confirmed
+    tail = {k: statistics.mean(c.loc[c.configuration == k, "test/tail/hr_10"]) for k in ("lifter", "flat")}
+    assert f"({tail['lifter'] / tail['flat']:.2f}x, p=" in rows[4][4]
+    assert set(zip(record.tests["configuration"], record.tests["base"])) == {
+        ("paper-default", "base"), ("lifter", "flat")}
+    said = dict(v.split(": ", 1) for v in verdicts(record))
+    assert set(said) == {"**paper-default**", "**lifter**"} and "flat's" in said["**lifter**"]
+    write_report(record, tmp_path)
+    assert "the change against the base of its group" in (tmp_path / "report.md").read_text()
 
 
 def test_missing_base_is_a_clear_error(record):

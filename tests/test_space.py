@@ -186,6 +186,10 @@ BREAKS = [
     ("confirm per a float param", lambda s: s.update(confirm={"per": "lambda"}),
      "X: confirm.per: must name a grid or categorical param that every trial draws (dropout), "
      "got 'lambda'"),
+    ("confirm per a list naming one twice", lambda s: s.update(confirm={"per": ["dropout", "dropout"]}),
+     "X: confirm.per: names 'dropout' twice"),
+    ("confirm per not a name", lambda s: s.update(confirm={"per": 3}),
+     "X: confirm.per: expected a param's name or a list of names, got 3"),
     ("bad name", lambda s: s.update(name="a/b"), "X: name: use letters, digits"),
     ("bad embedding", lambda s: s["embedding"].update(encoder="word2vec"), "X: embedding.encoder: must be one of auto"),
     ("bad dataset field", lambda s: s.update(dataset={"format": "ml-100k", "colour": 1}),

@@ -88,22 +88,42 @@ def test_paired_tests_pair_users_with_seeds_averaged():
     table = table.sample(frac=1.0, random_state=0)  # row order must not matter
     out = paired_tests(table, base="base")
     assert len(out) == 2 * 2 * 2  # configurations x groups x metrics
-    tail_users = sorted(table.loc[table["tail"], "user"].unique())
-    for row in out.itertuples():
-        # independent pairing: explicit loops over users and seeds
-        chosen = tail_users if row.group == "tail" else sorted(table["user"].unique())
-        diffs = []
-        for u in chosen:
-            mine = table[(table.configuration == row.configuration) & (table.user == u)]
-            base = table[(table.configuration == "base") & (table.user == u)]
-            diffs.append(mine[row.metric].mean() - base[row.metric].mean())
-        assert row.users == len(chosen)
-        assert row.mean_difference == pytest.approx(np.mean(diffs))
-        assert (row.statistic, row.p_value) == pytest.approx(wilcoxon_signed_rank(diffs))
+    assert set(out["base"]) == {"base"}
+    check_rows_by_loops(table, out)
     np.testing.assert_allclose(out["p_holm"], holm(out["p_value"]))  # one family: the report
     tail_hr = out[(out.configuration == "lifts_tail") & (out.group == "tail") & (out.metric == "hr_10")]
     assert tail_hr["mean_difference"].item() > 0.2 and tail_hr["p_holm"].item() < 1e-6
     assert (out[out.configuration == "same"]["p_holm"] > 0.01).all()
+
+
+def check_rows_by_loops(table, out):
+    """Each test row against an independent pairing: explicit loops over users and seeds."""
+    tail_users = sorted(table.loc[table["tail"], "user"].unique())
+    for row in out.itertuples():
+        chosen = tail_users if row.group == "tail" else sorted(table["user"].unique())
+        diffs = []
+        for u in chosen:
+            mine = table[(table.configuration == row.configuration) & (table.user == u)]
+            base = table[(table.configuration == row.base) & (table.user == u)]
+            diffs.append(mine[row.metric].mean() - base[row.metric].mean())
+        assert row.users == len(chosen)
+        assert row.mean_difference == pytest.approx(np.mean(diffs))
+        assert (row.statistic, row.p_value) == pytest.approx(wilcoxon_signed_rank(diffs))
+
+
+def test_paired_tests_with_a_base_per_configuration():
+    """Two groups (two backbones, say), each configuration against its own group's base;
+    Holm corrects over both groups' tests."""
+    rng = np.random.default_rng(4)
+    table = per_user_table(rng, lifts={"base_a": (0, 0), "a_lift": (0.4, 0.0),
+                                       "base_b": (0.3, 0.1), "b_same": (0.3, 0.1)})
+    out = paired_tests(table, {"a_lift": "base_a", "b_same": "base_b", "gone": "base_a"})
+    assert set(zip(out["configuration"], out["base"])) == {("a_lift", "base_a"), ("b_same", "base_b")}
+    check_rows_by_loops(table, out)  # 'gone' has no runs: not tested
+    np.testing.assert_allclose(out["p_holm"], holm(out["p_value"]))
+    assert (out[out.configuration == "b_same"]["p_holm"] > 0.01).all()  # the same as its base
+    with pytest.raises(ValueError, match="base configuration 'base_c'"):
+        paired_tests(table, {"a_lift": "base_c"})
 
 
 def test_paired_tests_refuse_unpaired_inputs():

@@ -57,7 +57,8 @@ class SearchRecord:
     confirmed: pd.DataFrame
     tests: pd.DataFrame
     curves: pd.DataFrame
-    base: str = "base"                  # the configuration everything is compared with
+    base: str = "base"                  # the configuration everything is compared with, unless
+    bases: dict[str, str] = field(default_factory=dict)  # given: configuration -> its own base
     facts: dict[str, object] = field(default_factory=dict)  # shown as they are: budget, seeds, command...
     distributions: dict[str, optuna.distributions.BaseDistribution] | None = None  # else inferred
     reference_point: list[float] | None = None  # hypervolume's, in metric units; default below
@@ -65,6 +66,19 @@ class SearchRecord:
 
     def label(self, configuration) -> str:
         return self.labels.get(configuration, str(configuration))
+
+    def base_of(self, configuration) -> str | None:
+        """The configuration `configuration` is compared with; None for a base."""
+        if self.bases:
+            return self.bases.get(configuration)
+        return None if configuration == self.base else self.base
+
+    def in_order(self, configurations) -> list:
+        """Each base, then the configurations compared with it (in their given order)."""
+        configurations = list(dict.fromkeys(configurations))
+        bases = [c for c in configurations if self.base_of(c) is None]
+        ordered = [c for b in bases for c in [b, *(c for c in configurations if self.base_of(c) == b)]]
+        return ordered + [c for c in configurations if c not in ordered]
 
 
 # -- numbers --------------------------------------------------------------------------------
@@ -83,9 +97,11 @@ def change(value: float, base: float, how: str) -> str:
 def _summary(record: SearchRecord) -> pd.DataFrame:
     columns = [c for c, *_ in ANSWER_COLUMNS if c in record.confirmed]
     summary = mean_std(record.confirmed, columns)
-    if record.base not in summary.index:
-        raise ValueError(f"the confirmation has no runs of the base configuration {record.base!r}")
-    return summary.loc[[record.base] + [c for c in summary.index if c != record.base]]
+    for configuration in summary.index:
+        base = record.base_of(configuration)
+        if base is not None and base not in summary.index:
+            raise ValueError(f"the confirmation has no runs of the base configuration {base!r}")
+    return summary.loc[record.in_order(summary.index)]
 
 
 def _test(record: SearchRecord, configuration: str, test) -> pd.Series | None:
@@ -98,9 +114,9 @@ def _test(record: SearchRecord, configuration: str, test) -> pd.Series | None:
 
 
 def _answer_cells(record: SearchRecord) -> tuple[list[str], list[tuple[str, str, list[tuple[str, str]]]]]:
-    """Header, and per confirmed configuration (base first): its name, its seeds and per
-    column (mean ± std over seeds, change against the base and Holm-adjusted p of the
-    paired test; empty for the base)."""
+    """Header, and per confirmed configuration (each base, then those compared with it): its
+    name, its seeds and per column (mean ± std over seeds, change against its base and
+    Holm-adjusted p of the paired test; empty for a base)."""
     summary = _summary(record)
     columns = [(c, how, test) for c, _, how, test in ANSWER_COLUMNS if f"{c} mean" in summary]
     header = ["configuration", "seeds"] + [h for c, h, *_ in ANSWER_COLUMNS if f"{c} mean" in summary]
@@ -109,9 +125,9 @@ def _answer_cells(record: SearchRecord) -> tuple[list[str], list[tuple[str, str,
         cells = []
         for column, how, test in columns:
             value = f"{s[f'{column} mean']:.4f} ± {s[f'{column} std']:.4f}"
-            notes = []
-            if configuration != record.base:
-                notes.append(change(s[f"{column} mean"], summary.loc[record.base, f"{column} mean"], how))
+            notes, base = [], record.base_of(configuration)
+            if base is not None:
+                notes.append(change(s[f"{column} mean"], summary.loc[base, f"{column} mean"], how))
                 tested = _test(record, configuration, test)
                 if tested is not None:
                     notes.append(_p(tested["p_holm"]))
@@ -152,10 +168,13 @@ def verdicts(record: SearchRecord) -> list[str]:
     """
     summary = _summary(record)
     sentences = []
-    for configuration in summary.index[1:]:
+    for configuration in summary.index:
+        base_name = record.base_of(configuration)
+        if base_name is None:
+            continue
         tests = {test: _test(record, configuration, test) for *_, test in ANSWER_COLUMNS if test}
         if any(t is None for t in tests.values()):
-            sentences.append(f"**{record.label(configuration)}**: no paired tests against {record.label(record.base)}.")
+            sentences.append(f"**{record.label(configuration)}**: no paired tests against {record.label(base_name)}.")
             continue
         significant = {k: t["p_holm"] < ALPHA for k, t in tests.items()}
         higher = {k: t["mean_difference"] > 0 for k, t in tests.items()}
@@ -163,9 +182,10 @@ def verdicts(record: SearchRecord) -> list[str]:
         overall = [("overall", "hr_10"), ("overall", "ndcg_10")]
         tail_real = all(significant[k] and higher[k] for k in tail)
         overall_lost = any(significant[k] and not higher[k] for k in overall)
-        mine, base = summary.loc[configuration], summary.loc[record.base]
+        mine, base = summary.loc[configuration], summary.loc[base_name]
         tail_hr, overall_hr = "test/tail/hr_10 mean", "test/overall/hr_10 mean"
-        numbers = (f"tail HR@10 {change(mine[tail_hr], base[tail_hr], 'ratio')} the base's "
+        whose = "the base's" if base_name == "base" else f"{record.label(base_name)}'s"
+        numbers = (f"tail HR@10 {change(mine[tail_hr], base[tail_hr], 'ratio')} {whose} "
                    f"({_p(tests[tail[0]]['p_holm'])}), overall HR@10 "
                    f"{change(mine[overall_hr], base[overall_hr], 'percent')} "
                    f"({_p(tests[overall[0]]['p_holm'])})")
@@ -376,7 +396,7 @@ def popularity_groups_figure(record: SearchRecord) -> Figure:
     (as the paper's Fig. 3): bars are means over seeds, whiskers one std."""
     columns = _popularity_columns(record.confirmed)
     summary = mean_std(record.confirmed, columns)
-    summary = summary.loc[[record.base] + [c for c in summary.index if c != record.base]]
+    summary = summary.loc[record.in_order(summary.index)]
     fig = Figure(layout="constrained", figsize=(max(7.0, 1.6 * len(columns) + 2), 4.6))
     ax = fig.add_subplot()
     if not columns:
@@ -386,7 +406,7 @@ def popularity_groups_figure(record: SearchRecord) -> Figure:
     for k, (configuration, s) in enumerate(summary.iterrows()):
         ax.bar(x + (k - (len(summary) - 1) / 2) * width, [s[f"{c} mean"] for c in columns],
                width, yerr=[s[f"{c} std"] for c in columns], capsize=3, label=record.label(configuration),
-               color="tab:gray" if configuration == record.base else None)
+               hatch="//" if record.base_of(configuration) is None else None)  # a base
     ax.set_xticks(x, [POPULARITY_COLUMN.fullmatch(c).group(1) for c in columns])
     ax.set_xlabel("popularity of the test target (training interactions)")
     ax.set_ylabel("test HR@10")
@@ -412,7 +432,7 @@ def curves_figure(record: SearchRecord) -> Figure:
     if not columns:
         return _note(fig, fig.add_subplot(), "no per-epoch validation metric of the "
                      "objectives in the curves")
-    order = [record.base] + [c for c in dict.fromkeys(record.curves["configuration"]) if c != record.base]
+    order = record.in_order(record.curves["configuration"])
     for k, column in enumerate(columns):
         ax = fig.add_subplot(1, len(columns), k + 1)
         for configuration in order:
@@ -421,7 +441,7 @@ def curves_figure(record: SearchRecord) -> Figure:
                 continue
             by_epoch = runs.groupby("epoch")[column]
             mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)
-            style = dict(color="black", linestyle="--") if configuration == record.base else {}
+            style = dict(linestyle="--") if record.base_of(configuration) is None else {}  # a base
             line, = ax.plot(mean.index, mean.to_numpy(), label=record.label(configuration), **style)
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
         ax.set_xlabel("epoch")
@@ -467,9 +487,7 @@ def report_markdown(record: SearchRecord) -> str:
         headline, "\n".join(f"- {v}" for v in found),
         _markdown(answer_rows(record)),
         f"Test metrics at each run's best validation epoch, mean ± std over seeds {seeds}; "
-        f"in brackets the change against `{record.label(record.base)}`"
-        + ("" if record.base == "base" else " (the search's best base, trained like the others)")
-        + " (% for overall metrics, x for tail "
+        f"in brackets the change against {_against(record)} (% for overall metrics, x for tail "
         "ones) and the Holm-adjusted p-value of a two-sided Wilcoxon signed-rank test over "
         "test users (each user's seeds averaged) against the base, corrected over all "
         f"{len(record.tests) if record.tests is not None else 0} comparisons of this report "
@@ -485,6 +503,16 @@ def report_markdown(record: SearchRecord) -> str:
     if record.tests is not None and len(record.tests):
         parts[-2:-2] = ["## Paired tests against the base", frame_markdown(record.tests)]
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _against(record: SearchRecord) -> str:
+    """What the brackets of the answer table compare with, in words."""
+    bases = list(dict.fromkeys(record.bases.values())) if record.bases else [record.base]
+    if len(bases) > 1:
+        return ("the base of its group (the search's best `method: base` trial with the same "
+                "values of confirm.per: the first row of each group)")
+    tuned = "" if bases[0] == "base" else " (the search's best base, trained like the others)"
+    return f"`{record.label(bases[0])}`{tuned}"
 
 
 def _search_facts(record: SearchRecord) -> str:

@@ -160,7 +160,7 @@ class SearchSettings:
 class ConfirmSettings:
     top: int                    # configurations of the search confirmed (the front, capped)
     seeds: int                  # new seeds per configuration
-    per: str | None = None      # a grid/categorical param: the front of each of its values
+    per: tuple[str, ...] = ()   # grid/categorical params: the front of each combination of values
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,8 @@ class ConstraintSection:
 class ConfirmSection:
     top: int = rule(3, ge=1)           # the search's front capped at top (one objective: the top)
     seeds: int = rule(3, ge=1)         # new seeds per configuration
-    per: str | None = None             # a grid/categorical param (e.g. method): top per value
+    per: Any = None                    # a grid/categorical param (e.g. method) or a list of
+                                       # them: the top of each value (combination)
 
     def __post_init__(self):
         check_fields(self)
@@ -488,26 +489,31 @@ def _parse_confirm(raw: Any, source: str) -> ConfirmSettings | None:
     if raw is False:
         return None
     c = from_mapping(ConfirmSection, {} if raw is None else raw, source, "confirm")
-    return ConfirmSettings(top=c.top, seeds=c.seeds, per=c.per)
+    per = () if c.per is None else (c.per,) if isinstance(c.per, str) else c.per
+    if not isinstance(per, (list, tuple)) or not all(isinstance(p, str) for p in per):
+        raise ConfigError(f"{where(source, 'confirm.per')}: expected a param's name or a list "
+                          f"of names, got {c.per!r}")
+    return ConfirmSettings(top=c.top, seeds=c.seeds, per=tuple(per))
 
 
 def _confirmed_description(space: SearchSpace) -> str:
     c = space.confirm
     what = (f"front (at most {c.top})" if len(space.search.objectives) > 1 else
             "best trial" if c.top == 1 else f"top {c.top} trials")
-    return what + (f" of each {c.per}" if c.per else "")
+    return what + (f" of each {' and '.join(c.per)}" if c.per else "")
 
 
 def _check_confirm_per(space: SearchSpace) -> None:
-    """confirm.per groups the search's trials by a param every trial draws from a list."""
-    per = space.confirm.per if space.confirm else None
-    if per is None:
-        return
+    """confirm.per groups the search's trials by params every trial draws from a list."""
     chosen = {p.name: p for p in space.params if p.kind in ("grid", "categorical") and not p.when}
-    if per not in chosen:
-        raise ConfigError(f"{where(space.label, 'confirm.per')}: must name a grid or categorical "
-                          f"param that every trial draws ({', '.join(chosen) or 'this space has none'}), "
-                          f"got {per!r}")
+    names = space.confirm.per if space.confirm else ()
+    for k, per in enumerate(names):
+        if per in names[:k]:
+            raise ConfigError(f"{where(space.label, 'confirm.per')}: names {per!r} twice")
+        if per not in chosen:
+            raise ConfigError(f"{where(space.label, 'confirm.per')}: must name a grid or categorical "
+                              f"param that every trial draws ({', '.join(chosen) or 'this space has none'}), "
+                              f"got {per!r}")
 
 
 def _parse_param(name: Any, spec: Any, source: str) -> ParamSpec:

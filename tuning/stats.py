@@ -27,14 +27,16 @@ report with three configurations, two groups and two metrics corrects for twelve
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 METRICS = ("ndcg_10", "hr_10")
 GROUPS = ("overall", "tail")
-TEST_COLUMNS = ("configuration", "group", "metric", "users", "mean_difference", "statistic",
-                "p_value", "p_holm")
+TEST_COLUMNS = ("configuration", "base", "group", "metric", "users", "mean_difference",
+                "statistic", "p_value", "p_holm")
 
 
 def holm(p_values) -> np.ndarray:
@@ -54,23 +56,25 @@ def holm(p_values) -> np.ndarray:
 def wilcoxon_signed_rank(differences) -> tuple[float, float]:
     """Two-sided Wilcoxon signed-rank test of paired differences: (statistic, p-value).
 
-    Zero differences are dropped (Wilcoxon's convention); exact p-values for up to 50
+    Differences are rounded to 12 decimals; zeros are dropped (Wilcoxon's convention); exact p-values for up to 50
     distinct nonzero differences, the tie-corrected normal approximation otherwise
     (scipy's `method="auto"`). No nonzero difference at all is no evidence: p = 1.
     """
     d = np.asarray(differences, dtype=float)
+    d = np.round(d, 12)  # float noise of averaging seeds makes neither a difference nor a tie-break
     if not np.any(d != 0):
         return 0.0, 1.0
     result = stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided", method="auto")
     return float(result.statistic), float(result.pvalue)
 
 
-def _check_per_user(per_user: pd.DataFrame, base: str, metrics) -> None:
+def _check_per_user(per_user: pd.DataFrame, bases: Mapping[str, str], metrics) -> None:
     missing = [c for c in ("configuration", "seed", "user", "tail", *metrics) if c not in per_user]
     if missing:
         raise ValueError(f"per-user results lack the column {missing[0]!r}")
-    if base not in set(per_user["configuration"]):
-        raise ValueError(f"per-user results have no rows of the base configuration {base!r}")
+    for base in dict.fromkeys(bases.values()):
+        if base not in set(per_user["configuration"]):
+            raise ValueError(f"per-user results have no rows of the base configuration {base!r}")
     duplicated = per_user.duplicated(["configuration", "seed", "user"])
     if duplicated.any():
         row = per_user[duplicated].iloc[0]
@@ -81,29 +85,32 @@ def _check_per_user(per_user: pd.DataFrame, base: str, metrics) -> None:
         raise ValueError(f"per-user results: user {tail[tail > 1].index[0]} is a tail user in "
                          "some rows and not in others (the test split must be the same)")
     users = per_user.groupby("configuration")["user"].apply(frozenset)
-    for configuration, seen in users.items():
+    for configuration, base in bases.items():
+        seen = users.get(configuration, frozenset())
         if seen != users[base]:
             raise ValueError(f"per-user results: configuration {configuration!r} was evaluated "
                              f"on {len(seen)} users, the base {base!r} on {len(users[base])}; "
                              "paired tests need the same users")
 
 
-def paired_tests(per_user: pd.DataFrame, base: str, metrics=METRICS,
+def paired_tests(per_user: pd.DataFrame, base: str | Mapping[str, str], metrics=METRICS,
                  groups=GROUPS) -> pd.DataFrame:
-    """Every configuration but the base against the base, per group and metric.
+    """Every configuration but the base against the base, per group and metric; or, with a
+    mapping configuration -> its own base, each configuration of it against its base.
 
-    One row per (configuration, group, metric) with TEST_COLUMNS: users compared,
+    One row per (configuration, group, metric) with TEST_COLUMNS: the base, users compared,
     mean of (configuration - base) over users (seeds averaged per user first), the
     Wilcoxon statistic, its p-value and the Holm-adjusted p-value over all rows.
     """
-    _check_per_user(per_user, base, metrics)
+    present = dict.fromkeys(per_user["configuration"])  # a run that saved no ranks is not tested
+    bases = ({c: base for c in present if c != base} if isinstance(base, str) else
+             {c: b for c, b in base.items() if c in present})
+    _check_per_user(per_user, bases, metrics)
     means = per_user.groupby(["configuration", "user"]).agg(
         {"tail": "first", **{m: "mean" for m in metrics}})
-    reference = means.loc[base]
     rows = []
-    for configuration in dict.fromkeys(per_user["configuration"]):
-        if configuration == base:
-            continue
+    for configuration, base in bases.items():
+        reference = means.loc[base]
         values = means.loc[configuration].loc[reference.index]
         for group in groups:
             if group == "overall":
@@ -115,7 +122,7 @@ def paired_tests(per_user: pd.DataFrame, base: str, metrics=METRICS,
             for metric in metrics:
                 d = values[metric].to_numpy()[chosen] - reference[metric].to_numpy()[chosen]
                 statistic, p = wilcoxon_signed_rank(d) if len(d) else (np.nan, np.nan)
-                rows.append({"configuration": configuration, "group": group, "metric": metric,
+                rows.append({"configuration": configuration, "base": base, "group": group, "metric": metric,
                              "users": len(d), "mean_difference": d.mean() if len(d) else np.nan,
                              "statistic": statistic, "p_value": p})
     table = pd.DataFrame(rows, columns=TEST_COLUMNS[:-1])

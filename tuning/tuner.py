@@ -354,7 +354,7 @@ def confirmed_trials(space: SearchSpace, table: pd.DataFrame) -> list[str]:
     keys = objective_keys(space)
     cols = [key for key, _ in keys]
     finished = table[np.isfinite(table[cols].to_numpy(float)).all(1)]
-    per = space.confirm.per
+    per = list(space.confirm.per)
     groups = [g for _, g in finished.groupby(per, sort=False)] if per else [finished]
     return [trial for g in groups for trial in g.iloc[confirmation_candidates(
         losses(g[cols], [mode for _, mode in keys]), space.confirm.top)]["trial"]]
@@ -433,14 +433,22 @@ def distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDist
     return out
 
 
-def comparison_base(table: pd.DataFrame, configs: list[dict]) -> str:
-    """What every confirmed configuration is tested against, given the confirmation runs'
-    configs: the search's best confirmed trial of `method: base` (a base tuned with the same
-    budget as the rest: `methods.yaml` confirms every method's best), else the `base`
-    reference at its default settings."""
+def comparison_bases(space: SearchSpace, table: pd.DataFrame, configs: list[dict]) -> dict[str, str]:
+    """Given the confirmation runs' configs: each configuration that is not a base -> the one
+    it is tested against. That is the search's best confirmed `method: base` trial with the
+    same values of confirm.per's other params (a base tuned with the same budget as the rest:
+    `methods.yaml` confirms every method's best, `backbones.yaml` every backbone's base and
+    FAERec), else the `base` reference at its default settings."""
+    others = [p for p in space.confirm.per if p != "method"]
+    group = {c["configuration"]: tuple(c.get(p) for p in others) for c in configs}
     tuned = {c["configuration"] for c in configs
              if c.get("method") == "base" and c["configuration"] not in REFERENCES}
-    return next((trial for trial in table["trial"] if trial in tuned), "base")
+    base_of_group = {}
+    for trial in table["trial"]:  # best first: the first tuned base of a group is its base
+        if trial in tuned:
+            base_of_group.setdefault(group[trial], trial)
+    bases = {configuration: base_of_group.get(key, "base") for configuration, key in group.items()}
+    return {configuration: base for configuration, base in bases.items() if configuration != base}
 
 
 def build_record(space: SearchSpace, table: pd.DataFrame, references: pd.DataFrame | None,
@@ -450,16 +458,17 @@ def build_record(space: SearchSpace, table: pd.DataFrame, references: pd.DataFra
     rank = {name: i for i, name in enumerate([*REFERENCES, *table["trial"]])}
     runs = runs.sort_values(["configuration", "seed"], key=lambda c: c.map(rank)
                             if c.name == "configuration" else c, ignore_index=True)
-    base = comparison_base(table, [r.config for r in confirmed])
+    bases = comparison_bases(space, table, [r.config for r in confirmed])
     per_user = per_user_results(confirmed)
-    tests = paired_tests(per_user, base=base) if len(per_user) else pd.DataFrame()
+    tests = paired_tests(per_user, bases) if len(per_user) else pd.DataFrame()
     trials = pd.concat([table.assign(stage="search"),
                         *([references] if references is not None else [])], ignore_index=True)
-    per = space.confirm.per
-    labels = {t: f"{v} {t}" for t, v in zip(table["trial"], table[per])} if per else {}
+    per = list(space.confirm.per)
+    labels = {row["trial"]: " ".join(str(row[p]) for p in [*per, "trial"])
+              for _, row in table.iterrows()} if per else {}
     return SearchRecord(name=space.name, objectives=objective_keys(space),
                         params=_searched_names(space), trials=trials, confirmed=runs,
-                        tests=tests, curves=curves, base=base, facts=facts,
+                        tests=tests, curves=curves, bases=bases, facts=facts,
                         distributions=distributions(space), labels=labels)
 
 
