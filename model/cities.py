@@ -92,17 +92,36 @@ class EmbeddingInference(nn.Module):
     def forward(self, contexts, item_table):
         """contexts (B, K, 2w + 1) ids, rows of all-zero contexts are padding; item_table (n + 1, d)."""
         B, K, C = contexts.shape
-        x = item_table[contexts]  # (B, K, C, d)
-        x[:, :, C // 2] = self.mask_token
-        x = (x + self.position.weight).view(B * K, C, -1)
-        real = (contexts != 0).view(B * K, C)
-        real[:, C // 2] = True  # the masked item is always there
-        h = self.context_encoder(x, src_key_padding_mask=~real)
-        h = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # (B K, d) mean over the context
         present = (contexts != 0).any(-1)  # (B, K) real contexts
+        rows = present.view(-1).nonzero().squeeze(1)
+        contexts = contexts.view(B * K, C)[rows]  # (N, C): the real contexts only
+        x = item_table[contexts]  # (N, C, d)
+        x[:, C // 2] = self.mask_token
+        real = contexts != 0
+        real[:, C // 2] = True  # the masked item is always there
+        h = x.new_zeros(B * K, x.shape[-1])
+        h[rows] = self.encode_contexts(x + self.position.weight, real)
         h = self.aggregator(h.view(B, K, -1), src_key_padding_mask=~present)
         h = (h * present[..., None]).sum(1) / present.sum(1, keepdim=True).clamp(min=1)  # (B, d)
         return self.out(h)
+
+    def encode_contexts(self, x, real, groups=8):
+        """(N, C, d) inputs with their positions, (N, C) real positions -> (N, d): the context
+        encoder's mean over each context's real positions. Real positions go first and the
+        contexts are encoded in `groups` of similar length, each cut to its longest: exact
+        (attention masks the padding anyway) and 2-3x less work where sequences are short
+        (Office: 16 of 49 positions are real on average)."""
+        first = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)  # real positions first, in order
+        lengths = real.sum(1)
+        h = x.new_empty(x.shape[0], x.shape[-1])
+        for group in torch.argsort(lengths).tensor_split(groups):
+            if len(group) == 0:
+                continue
+            cols = first[group, :int(lengths[group].max())]
+            keep = real[group[:, None], cols]  # (g, n)
+            out = self.context_encoder(x[group[:, None], cols], src_key_padding_mask=~keep)
+            h[group] = (out * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        return h
 
 
 def inference_loss(predicted, target):

@@ -58,6 +58,23 @@ def test_inference_ignores_padded_contexts_and_their_order():
     assert not torch.allclose(other, alone)
 
 
+def test_contexts_encoded_in_length_groups_as_at_full_width():
+    """encode_contexts (real positions first, groups of similar length, each cut to its
+    longest) equals the context encoder over every context at full width, padding masked."""
+    torch.manual_seed(1)
+    f = EmbeddingInference(D, window=3, num_layers=2, num_heads=4).eval()
+    n, c = 40, 7
+    left, right = torch.randint(0, 4, (n,)), torch.randint(0, 4, (n,))  # real items on each side
+    offsets = torch.arange(c) - c // 2
+    real = (offsets >= -left[:, None]) & (offsets <= right[:, None])  # contiguous around the middle
+    x = torch.randn(n, c, D)
+    with torch.no_grad():
+        full = f.context_encoder(x, src_key_padding_mask=~real)
+        expected = (full * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+        for groups in (1, 3, 8, n + 5):
+            torch.testing.assert_close(f.encode_contexts(x, real, groups), expected, rtol=1e-5, atol=1e-5)
+
+
 def walk_data(n_users=24, length=L + 3, seed=0):
     """Users walk one fixed permutation; items 1-3 appear only as starting points, rarely."""
     rng = np.random.default_rng(seed)
