@@ -57,8 +57,8 @@ class SearchRecord:
     confirmed: pd.DataFrame
     tests: pd.DataFrame
     curves: pd.DataFrame
-    base: str = "base"                  # the configuration everything is compared with, unless
-    bases: dict[str, str] = field(default_factory=dict)  # given: configuration -> its own base
+    base: str = "base"                  # the configuration everything is compared with...
+    bases: dict[str, str] = field(default_factory=dict)  # ...unless this maps each to its own
     facts: dict[str, object] = field(default_factory=dict)  # shown as they are: budget, seeds, command...
     distributions: dict[str, optuna.distributions.BaseDistribution] | None = None  # else inferred
     reference_point: list[float] | None = None  # hypervolume's, in metric units; default below

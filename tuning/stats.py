@@ -56,9 +56,10 @@ def holm(p_values) -> np.ndarray:
 def wilcoxon_signed_rank(differences) -> tuple[float, float]:
     """Two-sided Wilcoxon signed-rank test of paired differences: (statistic, p-value).
 
-    Differences are rounded to 12 decimals; zeros are dropped (Wilcoxon's convention); exact p-values for up to 50
-    distinct nonzero differences, the tie-corrected normal approximation otherwise
-    (scipy's `method="auto"`). No nonzero difference at all is no evidence: p = 1.
+    Differences are rounded to 12 decimals, and zeros dropped (Wilcoxon's convention); exact
+    p-values for up to 50 distinct nonzero differences, the tie-corrected normal
+    approximation otherwise (scipy's `method="auto"`). No nonzero difference at all is no
+    evidence: p = 1.
     """
     d = np.asarray(differences, dtype=float)
     d = np.round(d, 12)  # float noise of averaging seeds makes neither a difference nor a tie-break
