@@ -73,8 +73,9 @@ def _check_per_user(per_user: pd.DataFrame, bases: Mapping[str, str], metrics) -
     missing = [c for c in ("configuration", "seed", "user", "tail", *metrics) if c not in per_user]
     if missing:
         raise ValueError(f"per-user results lack the column {missing[0]!r}")
+    present = set(per_user["configuration"])
     for base in dict.fromkeys(bases.values()):
-        if base not in set(per_user["configuration"]):
+        if base not in present:
             raise ValueError(f"per-user results have no rows of the base configuration {base!r}")
     duplicated = per_user.duplicated(["configuration", "seed", "user"])
     if duplicated.any():
